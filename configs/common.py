@@ -1,0 +1,101 @@
+"""Shared defaults: the official MSN ViT-S/16 recipe (METHOD.md). Experiments override these.
+
+Every key scripts and launchers rely on is defined here, so every config has it.
+"""
+
+import ml_collections
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 1024            # global, across all devices and hosts
+  c.total_steps = 100_000
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.eval_every_steps = 0         # 0: evaluate only at the end of training
+  c.mesh = (("data", -1),)       # (axis name, size); -1 takes the remaining devices
+
+  c.model = ml_collections.ConfigDict()
+  c.model.variant = "S/16"       # <size>/<patch>: size in mu, Ti, S, B, L, H
+  c.model.width = 0              # 0: from the variant; set to override
+  c.model.depth = 0
+  c.model.num_heads = 0
+  c.model.hidden_dim = 2048      # projection head
+  c.model.output_dim = 256
+  c.model.num_prototypes = 1024
+  c.model.mask_ratio = 0.15      # patch drop on the masked anchor view
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "tfds:imagenet2012"
+  c.data.train_split = "train"
+  c.data.test_split = "validation"
+  c.data.channels = 3
+  c.data.image_size = 224
+  c.data.focal_size = 96
+  c.data.num_focal = 10
+  c.data.target_scale = (0.3, 1.0)
+  c.data.focal_scale = (0.05, 0.3)
+  c.data.flip = True
+  c.data.color_jitter_prob = 0.8
+  c.data.color_jitter_strength = 0.5
+  c.data.grayscale_prob = 0.2
+  c.data.blur_prob = 0.5
+  c.data.blur_sigma = (0.1, 2.0)
+  c.data.mean = IMAGENET_MEAN
+  c.data.std = IMAGENET_STD
+  # Long-tailed subsampling of the pretraining split: n_c = floor(max_per_class * IR^(-c/(C-1))).
+  # imbalance_ratio = 1 keeps the split as it is.
+  c.data.imbalance_ratio = 1.0
+  c.data.max_per_class = 0
+  c.data.subsample_seed = 0
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.prior = "power_law"     # power_law | uniform | custom
+  c.loss.prior_exponent = 0.25   # tau_p of the power law
+  c.loss.custom_prior = ()       # K positive values summing to 1, for prior = "custom"
+  c.loss.sinkhorn_iters = 3
+  c.loss.sinkhorn_marginal = "prior"        # prior | uniform
+  c.loss.kl_direction = "mean_to_prior"     # mean_to_prior | prior_to_mean
+  c.loss.reg_weight = 1.0
+  c.loss.temperature = 0.1
+  c.loss.target_temperature = 0.25
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-3
+  c.optim.start_lr = 2e-4
+  c.optim.final_lr = 1e-6
+  c.optim.warmup_steps = 2000
+  c.optim.weight_decay = 0.04
+  c.optim.final_weight_decay = 0.4
+  c.optim.ema_momentum = 0.996
+  c.optim.final_ema_momentum = 1.0
+  c.optim.grad_clip = 3.0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.schedule_horizon_factor = 1.25   # official MSN quirk; see schedules.py
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.enabled = True
+  c.eval.batch_size = 512
+  c.eval.knn_k = 20
+  c.eval.knn_temperature = 0.07
+  c.eval.linear_epochs = 100
+  c.eval.linear_lr = 6.4
+  c.eval.linear_batch_size = 256
+  return c
+
+
+def msn(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Turns a PMSN config into plain MSN: uniform prior, uniform Sinkhorn marginal."""
+  config.loss.prior = "uniform"
+  config.loss.sinkhorn_marginal = "uniform"
+  return config
+
+
+def epochs_to_steps(epochs: float, num_examples: int, batch_size: int) -> int:
+  return max(1, int(round(epochs * num_examples / batch_size)))

@@ -1,0 +1,28 @@
+"""PMSN ViT-S/16 on iNaturalist 2018: the official MSN ViT-S/16 recipe with a power-law prior.
+
+800 epochs of the 437,513 long-tailed train images at global batch 1024 (64 x 16 devices).
+Run (a pod; see launch/README.md):
+  python -m pmsn_jax.main --config=configs/pmsn_vits16_inat18.py --workdir=gs://BUCKET/pmsn_s16
+The arg `msn` gives the MSN baseline of the same recipe:
+  python -m pmsn_jax.main --config=configs/pmsn_vits16_inat18.py:msn --workdir=gs://BUCKET/msn_s16
+"""
+
+from configs import common  # configs are run from the repository root
+
+INAT18_TRAIN = 437_513
+
+
+def get_config(arg=None):
+  c = common.get_base_config()
+  c.data.source = "tfds:i_naturalist2018"
+  c.data.test_split = "validation"
+  c.total_steps = common.epochs_to_steps(800, INAT18_TRAIN, c.batch_size)
+  c.optim.warmup_steps = common.epochs_to_steps(15, INAT18_TRAIN, c.batch_size)
+  c.checkpoint_every_steps = 2000
+  c.loss.prior = "power_law"
+  c.loss.prior_exponent = 0.25
+  if arg == "msn":
+    common.msn(c)
+  elif arg:
+    raise ValueError(f"pmsn_vits16_inat18: unknown arg {arg!r}; use nothing or 'msn'.")
+  return c

@@ -1,0 +1,124 @@
+"""Orbax checkpoints of the train state, and the self-describing encoder export.
+
+Train checkpoints: `workdir/checkpoints/<step>/`, written asynchronously by a
+CheckpointManager that keeps the newest N. Orbax commits a step atomically (a temporary
+directory renamed at the end), so a crash mid-save leaves the previous step restorable.
+
+Export: `workdir/export/{params/, model_config.json}`: the EMA target encoder (the model that is
+evaluated) plus everything `load_encoder` needs to rebuild and feed it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from pmsn_jax.models import vit
+
+EXPORT_FORMAT = "pmsn_jax.encoder.v1"
+
+
+class Checkpointer:
+  """Thin wrapper over ocp.CheckpointManager with the policies the train loop needs."""
+
+  def __init__(self, directory: str, *, keep: int):
+    self.manager = ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             enable_async_checkpointing=True))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state) -> None:
+    self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+  def restore(self, step: int, abstract_state):
+    """Restores onto `abstract_state` (ShapeDtypeStructs carrying the target shardings)."""
+    try:
+      return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    except (ValueError, KeyError) as e:
+      raise ValueError(
+          f"checkpoint {self.manager.directory}/{step} does not match this config's model "
+          f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); use a fresh --workdir or the "
+          "config it was written with.") from None
+
+  def close(self) -> None:
+    """Blocks until any async save is committed: never exit with a save in flight."""
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def abstract_with_shardings(abstract_tree, shardings):
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_tree, shardings)
+
+
+# ----------------------------------------------------------------------------- export
+
+def export_encoder(directory: str, encoder_state: nnx.State, vit_cfg: vit.ViTConfig,
+                   mean, std) -> None:
+  """Writes the encoder parameters (Orbax) and the config that rebuilds it."""
+  directory = os.path.abspath(directory)
+  params = jax.tree.map(np.asarray, encoder_state.to_pure_dict())
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(os.path.join(directory, "params"), params, force=True)
+  if jax.process_index() == 0:
+    meta = {"format": EXPORT_FORMAT, "vit": dataclasses.asdict(vit_cfg),
+            "mean": list(mean), "std": list(std)}
+    with open(os.path.join(directory, "model_config.json"), "w") as f:
+      json.dump(meta, f, indent=2)
+
+
+def load_encoder(path: str) -> Callable[[jax.Array], jax.Array]:
+  """Rebuilds an exported encoder. Returns encode(images [N,H,W,C]) -> features [N, D].
+
+  `images` are raw pixels (uint8, or floats in [0, 255]); they are resized to the trained
+  resolution if needed and normalised with the mean/std saved at export, so callers need not
+  know how the model was trained.
+  """
+  path = os.path.abspath(path)
+  meta_path = os.path.join(path, "model_config.json")
+  if not os.path.exists(meta_path):
+    raise FileNotFoundError(f"{meta_path} not found: pass the export directory written by "
+                            "training (WORKDIR/export).")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  if meta.get("format") != EXPORT_FORMAT:
+    raise ValueError(f"{meta_path} has format {meta.get('format')!r}, expected "
+                     f"{EXPORT_FORMAT!r}.")
+  cfg = vit.ViTConfig(**meta["vit"])
+  abstract = nnx.eval_shape(lambda: vit.ViT(cfg, rngs=nnx.Rngs(0)))
+  graphdef, abstract_state = nnx.split(abstract)
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                        abstract_state.to_pure_dict())
+  with ocp.StandardCheckpointer() as ckpt:
+    try:
+      params = ckpt.restore(os.path.join(path, "params"), target)
+    except (ValueError, KeyError) as e:
+      raise ValueError(f"{path}/params does not match its model_config.json "
+                       f"({str(e).splitlines()[0][:200]}).") from None
+  nnx.replace_by_pure_dict(abstract_state, params)
+  encoder = nnx.merge(graphdef, abstract_state)
+  mean = jnp.asarray(meta["mean"], jnp.float32)
+  std = jnp.asarray(meta["std"], jnp.float32)
+
+  @jax.jit
+  def encode(images):
+    if images.ndim != 4 or images.shape[-1] != cfg.channels:
+      raise ValueError(f"images must be [N, H, W, {cfg.channels}], got {images.shape}.")
+    x = images.astype(jnp.float32) / 255.0
+    if x.shape[1:3] != (cfg.image_size, cfg.image_size):
+      x = jax.image.resize(x, (x.shape[0], cfg.image_size, cfg.image_size, cfg.channels),
+                           "bilinear")
+    return encoder((x - mean) / std)
+
+  return encode

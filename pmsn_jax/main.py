@@ -1,0 +1,71 @@
+"""Entry point: python -m pmsn_jax.main --config=configs/<file>.py[:arg] --workdir=DIR
+                                        [--config.<key>=<value> ...]
+
+A user mistake (bad config value, unknown key, missing data, mismatched checkpoint) ends with
+one line on stderr naming the fix and exit status 2, not a stack trace.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+USER_ERROR_EXIT = 2
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, export.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _unknown_key_hint(argv) -> str | None:
+  """Finds --config.<key> overrides that name no key and suggests the closest one."""
+  from pmsn_jax import validation
+  config = _CONFIG.value
+  for arg in argv:
+    match = re.match(r"--config\.([\w.]+)=", arg)
+    if not match:
+      continue
+    key, node = match.group(1), config
+    try:
+      for part in key.split("."):
+        node = node[part]
+    except (KeyError, TypeError, AttributeError):
+      guess = validation.closest_key(config, key)
+      return f"unknown config key {key!r}" + (f"; did you mean {guess!r}?" if guess else ".")
+  return None
+
+
+def main(argv):
+  del argv
+  from pmsn_jax import train  # heavy imports after flag parsing
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    logging.debug("user error", exc_info=True)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(USER_ERROR_EXIT)
+
+
+def run():
+  try:
+    flags.FLAGS(sys.argv)
+  except flags.Error as e:
+    hint = None
+    try:
+      hint = _unknown_key_hint(sys.argv)
+    except Exception:  # the config file itself may be what failed
+      pass
+    print(f"error: {hint or str(e).splitlines()[0]}", file=sys.stderr)
+    sys.exit(USER_ERROR_EXIT)
+  app.run(main, argv=sys.argv)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,104 @@
+"""The pure PMSN train step: loss, gradients, AdamW update, EMA of the target. No I/O.
+
+State is functional (nnx.split once, nnx.merge inside the step) so the whole step is one
+`jax.jit` with explicit shardings and a donated state; see train.py for how it is compiled.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from pmsn_jax import losses
+from pmsn_jax.models import msn
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array          # int32 scalar: number of updates applied so far
+  params: nnx.State        # online encoder + head + prototypes (what the optimizer moves)
+  target: nnx.State        # EMA target encoder + head
+  batch_stats: nnx.State   # BatchNorm running statistics (kept, never used for training)
+  opt_state: Any
+
+
+def split_model(model: msn.MSN):
+  """-> graphdef, trainable params, target params, batch stats."""
+  return nnx.split(model, msn.TRAINABLE, msn.TARGET_PARAMS, nnx.BatchStat)
+
+
+def decay_mask(params: nnx.State) -> nnx.State:
+  """Weight decay on matrices only: no biases, norms, 1-D params or prototypes (as MSN)."""
+  def decays(path, leaf):
+    names = [str(getattr(key, "key", key)) for key in path]
+    return leaf.ndim >= 2 and "prototypes" not in names and "cls_token" not in names \
+        and "pos_embed" not in names
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(config, schedules) -> optax.GradientTransformation:
+  """AdamW with scheduled lr and weight decay, after global-norm clipping.
+
+  Official MSN clips the encoder's gradients only; we clip the global norm of all trainable
+  parameters (head and prototypes included), which is simpler and bounds the same quantity.
+  """
+  return optax.chain(
+      optax.clip_by_global_norm(config.optim.grad_clip),
+      optax.adamw(schedules.learning_rate, b1=config.optim.b1, b2=config.optim.b2,
+                  weight_decay=schedules.weight_decay, mask=decay_mask))
+
+
+def init_state(model: msn.MSN, tx: optax.GradientTransformation) -> TrainState:
+  _, params, target, batch_stats = split_model(model)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, target=target,
+                    batch_stats=batch_stats, opt_state=tx.init(params))
+
+
+def ema_update(target: nnx.State, params: nnx.State, momentum) -> nnx.State:
+  """target <- m * target + (1 - m) * online (encoder + head; prototypes have no twin)."""
+  moved = jax.tree.map(lambda t, o: momentum * t + (1.0 - momentum) * o,
+                       target["target"], params["online"])
+  return nnx.State({"target": moved.raw_mapping})
+
+
+def make_train_step(graphdef, tx, schedules, prior: jax.Array, config):
+  """Returns train_step(state, batch) -> (state, metrics) for jax.jit."""
+  loss_kwargs = dict(
+      temperature=config.loss.temperature, target_temperature=config.loss.target_temperature,
+      sinkhorn_iters=config.loss.sinkhorn_iters, sinkhorn_marginal=config.loss.sinkhorn_marginal,
+      reg_weight=config.loss.reg_weight, kl_direction=config.loss.kl_direction)
+  mask_ratio = float(config.model.mask_ratio)
+  base_key = jax.random.key(config.seed)
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    # Masks are a pure function of (seed, step): resuming at step t replays them exactly.
+    rng = jax.random.fold_in(base_key, state.step)
+
+    def loss_fn(params):
+      model = nnx.merge(graphdef, params, state.target, state.batch_stats, copy=True)
+      anchors = model.anchor_projections(batch["anchor"], batch["focal"],
+                                         mask_ratio=mask_ratio, rng=rng)
+      targets = model.target_projections(batch["target"])
+      loss, metrics = losses.pmsn_loss(anchors, targets, model.prototypes(), prior,
+                                       **loss_kwargs)
+      return loss, (metrics, nnx.state(model, nnx.BatchStat))
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (_, (metrics, batch_stats)), grads = grad_fn(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    momentum = schedules.ema_momentum(state.step)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads),
+                   learning_rate=schedules.learning_rate(state.step),
+                   weight_decay=schedules.weight_decay(state.step), ema_momentum=momentum)
+    new_state = state.replace(step=state.step + 1, params=params,
+                              target=ema_update(state.target, params, momentum),
+                              batch_stats=batch_stats, opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step

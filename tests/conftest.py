@@ -1,0 +1,9 @@
+"""Test set-up: fake 8 CPU devices before jax is imported, so sharding code paths run here."""
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+# Keep TensorFlow (tf.data) off any accelerator and quiet.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
