@@ -11,10 +11,12 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from pmsn_jax import losses
+from pmsn_jax import schedules as schedules_lib
 from pmsn_jax.models import msn
 
 
@@ -33,11 +35,16 @@ def split_model(model: msn.MSN):
 
 
 def decay_mask(params: nnx.State) -> nnx.State:
-  """Weight decay on matrices only: no biases, norms, 1-D params or prototypes (as MSN)."""
+  """Official MSN: weight decay on everything but biases, norm scales and the prototypes.
+
+  Decided by name, not ndim: scanned blocks stack their biases and norms into 2-D arrays.
+  (pos_embed and cls_token are decayed, as in MSN's parameter groups.)
+  """
   def decays(path, leaf):
-    names = [str(getattr(key, "key", key)) for key in path]
-    return leaf.ndim >= 2 and "prototypes" not in names and "cls_token" not in names \
-        and "pos_embed" not in names
+    del leaf
+    names = [str(getattr(key, "key", getattr(key, "name", key))) for key in path]
+    names = [n for n in names if n != "value"]
+    return names[-1] not in ("bias", "scale") and "prototypes" not in names
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
@@ -59,11 +66,39 @@ def init_state(model: msn.MSN, tx: optax.GradientTransformation) -> TrainState:
                     batch_stats=batch_stats, opt_state=tx.init(params))
 
 
+def build(config, vit_cfg):
+  """-> (graphdef, optimizer, schedules, create_state) for a config; nothing is allocated.
+
+  `create_state()` builds a fresh model + optimizer state: jit it with out_shardings so the
+  state is born sharded, or jax.eval_shape it for restore targets.
+  """
+  scheds = schedules_lib.make_schedules(config)
+  tx = make_optimizer(config, scheds)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: msn.build_model(config.model, vit_cfg, 0)))
+
+  def create_state() -> TrainState:
+    return init_state(msn.build_model(config.model, vit_cfg, config.seed), tx)
+
+  return graphdef, tx, scheds, create_state
+
+
 def ema_update(target: nnx.State, params: nnx.State, momentum) -> nnx.State:
   """target <- m * target + (1 - m) * online (encoder + head; prototypes have no twin)."""
   moved = jax.tree.map(lambda t, o: momentum * t + (1.0 - momentum) * o,
                        target["target"], params["online"])
   return nnx.State({"target": moved.raw_mapping})
+
+
+def prior_from_config(config) -> np.ndarray:
+  """The cluster prior pi of config.loss (power_law | uniform | custom), validated."""
+  k = config.model.num_prototypes
+  if config.loss.prior == "power_law":
+    return np.asarray(losses.power_law_prior(k, config.loss.prior_exponent))
+  if config.loss.prior == "uniform":
+    return np.asarray(losses.uniform_prior(k))
+  prior = np.asarray(config.loss.custom_prior, np.float32)
+  losses.validate_prior(prior, k)
+  return prior
 
 
 def make_train_step(graphdef, tx, schedules, prior: jax.Array, config):

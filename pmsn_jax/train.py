@@ -15,21 +15,10 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from pmsn_jax import checkpoint, losses, metrics, schedules, sharding, step, validation
+from pmsn_jax import checkpoint, metrics, sharding, step, validation
 from pmsn_jax.data import pipeline, sampling, sources
 from pmsn_jax.evals import suite
-from pmsn_jax.models import msn, vit
-
-
-def make_prior(config) -> np.ndarray:
-  k = config.model.num_prototypes
-  if config.loss.prior == "power_law":
-    return np.asarray(losses.power_law_prior(k, config.loss.prior_exponent))
-  if config.loss.prior == "uniform":
-    return np.asarray(losses.uniform_prior(k))
-  prior = np.asarray(config.loss.custom_prior, np.float32)
-  losses.validate_prior(prior, k)
-  return prior
+from pmsn_jax.models import vit
 
 
 def load_data(config):
@@ -73,13 +62,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # ------------------------------------------------------------ model/optimizer
   vit_cfg = vit.vit_config_from(config.model, config.data.image_size, config.data.channels)
-  scheds = schedules.make_schedules(config)
-  tx = step.make_optimizer(config, scheds)
-
-  def create_state():
-    return step.init_state(msn.build_model(config.model, vit_cfg, config.seed), tx)
-
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: msn.build_model(config.model, vit_cfg, 0)))
+  graphdef, tx, scheds, create_state = step.build(config, vit_cfg)
   abstract_state = jax.eval_shape(create_state)
 
   # ----------------------------------------------------------------- shardings
@@ -100,7 +83,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # --------------------------------------------------------------- jitted step
   train_step = jax.jit(
-      step.make_train_step(graphdef, tx, scheds, make_prior(config), config),
+      step.make_train_step(graphdef, tx, scheds, step.prior_from_config(config), config),
       in_shardings=(state_shardings, batch_sharding),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
       donate_argnums=0)

@@ -44,6 +44,9 @@ class ViTConfig:
   image_size: int
   channels: int = 3
   mlp_ratio: float = 4.0
+  # How many blocks one scan iteration runs. 1 keeps compile time flat in depth; benchmarks
+  # unroll fully to get true FLOP counts (XLA's cost analysis counts a scan body once).
+  scan_unroll: int = 1
 
   @property
   def grid(self) -> int:
@@ -111,7 +114,8 @@ class ViT(nnx.Module):
                                 padding="VALID", rngs=rngs)
     init = nnx.initializers.truncated_normal(stddev=0.02)
     self.cls_token = nnx.Param(init(rngs.params(), (1, 1, dim)))
-    self.pos_embed = nnx.Param(init(rngs.params(), (1, cfg.grid * cfg.grid, dim)))
+    # One position for CLS + one per patch of the base grid (DeiT/MSN layout).
+    self.pos_embed = nnx.Param(init(rngs.params(), (1, 1 + cfg.grid * cfg.grid, dim)))
 
     @nnx.split_rngs(splits=cfg.depth)
     @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -121,13 +125,16 @@ class ViT(nnx.Module):
     self.blocks = make_blocks(rngs)
     self.norm = nnx.LayerNorm(dim, epsilon=1e-6, rngs=rngs)
 
-  def position_embedding(self, grid: int) -> jax.Array:
+  def position_embedding(self, grid: int) -> tuple[jax.Array, jax.Array]:
+    """-> (CLS position [1,1,D], patch positions [1, grid*grid, D]) for a grid x grid input."""
     table = self.pos_embed[...]
-    if grid == self.cfg.grid:
-      return table
-    dim = table.shape[-1]
-    square = table.reshape(1, self.cfg.grid, self.cfg.grid, dim)
-    return jax.image.resize(square, (1, grid, grid, dim), "bicubic").reshape(1, grid * grid, dim)
+    cls_pos, patch_pos = table[:, :1], table[:, 1:]
+    if grid != self.cfg.grid:
+      dim = table.shape[-1]
+      square = patch_pos.reshape(1, self.cfg.grid, self.cfg.grid, dim)
+      patch_pos = jax.image.resize(square, (1, grid, grid, dim), "bicubic")
+      patch_pos = patch_pos.reshape(1, grid * grid, dim)
+    return cls_pos, patch_pos
 
   def __call__(self, images: jax.Array, *, mask_ratio: float = 0.0,
                rng: jax.Array | None = None) -> jax.Array:
@@ -136,16 +143,17 @@ class ViT(nnx.Module):
                        f"{self.cfg.patch_size}; got shape {images.shape}.")
     x = self.patch_embed(images)
     batch, grid = x.shape[0], x.shape[1]
-    x = x.reshape(batch, grid * grid, -1) + self.position_embedding(grid)
+    cls_pos, patch_pos = self.position_embedding(grid)
+    x = x.reshape(batch, grid * grid, -1) + patch_pos
     if mask_ratio > 0.0:
       if rng is None:
         raise ValueError("patch drop (mask_ratio > 0) needs an rng.")
       keep = max(1, int(grid * grid * (1.0 - mask_ratio)))
       x = keep_random_patches(x, keep, rng)
-    cls = jnp.broadcast_to(self.cls_token[...], (batch, 1, x.shape[-1])).astype(x.dtype)
+    cls = jnp.broadcast_to(self.cls_token[...] + cls_pos, (batch, 1, x.shape[-1])).astype(x.dtype)
     x = jnp.concatenate([cls, x], axis=1)
 
-    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, unroll=self.cfg.scan_unroll)
     def run_blocks(x, block):
       return block(x)
 

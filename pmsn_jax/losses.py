@@ -1,0 +1,262 @@
+"""PMSN loss: MSN with a (power-law) cluster prior. See design/METHOD.md.
+
+MSN (Assran et al., 2022) matches soft prototype assignments of masked anchor
+views to sharpened, Sinkhorn-balanced assignments of the unmasked target view,
+and adds ME-MAX, which pushes the mean assignment p̄ towards uniform. That is a
+hidden uniform cluster prior; PMSN (Assran et al., ICLR 2023) replaces it with
+KL(p̄ ‖ π) for a prior π, e.g. a power law for long-tailed data.
+
+MSN is exactly `pmsn_loss(..., prior=uniform_prior(K), sinkhorn_marginal=
+"uniform")`: with uniform π, KL(p̄ ‖ π) = log K − H(p̄), ME-MAX up to a constant.
+
+All functions are single-device math. Under `jax.jit` on a batch-sharded
+global array the batch means / sums below become cross-device reductions, so
+there are no hand-written collectives. Everything is computed in float32.
+"""
+from typing import Any, Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SINKHORN_MARGINALS = ("prior", "uniform")
+KL_DIRECTIONS = ("mean_to_prior", "prior_to_mean")
+_PRIOR_SUM_ATOL = 1e-4
+
+
+def _is_concrete(x) -> bool:
+  """Value checks need concrete data; under jit we only have shapes."""
+  return not isinstance(x, jax.core.Tracer)
+
+
+def power_law_prior(num_prototypes: int, exponent: float) -> jnp.ndarray:
+  """π_k ∝ k^-exponent for k = 1..K, in fixed prototype order (no sorting).
+
+  exponent 0 is uniform; 0.25 is the common default (π_1/π_K = 5.7 at K=1024).
+  Computed in float64 NumPy (it is a constant) and returned as float32.
+  """
+  if int(num_prototypes) != num_prototypes or num_prototypes < 1:
+    raise ValueError(
+        f"num_prototypes must be a positive integer, got {num_prototypes!r}.")
+  if not np.isfinite(exponent) or exponent < 0:
+    raise ValueError(
+        f"exponent must be a finite number >= 0 (0 gives a uniform prior), "
+        f"got {exponent!r}.")
+  k = np.arange(1, int(num_prototypes) + 1, dtype=np.float64)
+  prior = k ** (-float(exponent))
+  return jnp.asarray(prior / prior.sum(), dtype=jnp.float32)
+
+
+def uniform_prior(num_prototypes: int) -> jnp.ndarray:
+  """π_k = 1/K: the prior hidden in MSN's ME-MAX regulariser."""
+  return power_law_prior(num_prototypes, 0.0)
+
+
+def validate_prior(prior: Any, num_prototypes: int) -> None:
+  """Checks a (e.g. user-given "custom") prior: shape [K], positive, sums to 1.
+
+  The shape is always checked (it is static under jit); the values only when
+  `prior` is concrete, so this is safe to call inside jitted code.
+  """
+  shape = jnp.shape(prior)
+  if shape != (num_prototypes,):
+    raise ValueError(
+        f"prior must be a 1-D vector of length num_prototypes={num_prototypes} "
+        f"(one mass per prototype), got shape {shape}; build it with e.g. "
+        f"power_law_prior(num_prototypes, exponent).")
+  if not _is_concrete(prior):
+    return
+  values = np.asarray(prior, dtype=np.float64)
+  if not np.all(np.isfinite(values) & (values > 0)):
+    raise ValueError(
+        f"prior must be finite and strictly positive (log π enters the loss), "
+        f"got min {np.nanmin(values)!r}; give every prototype some mass.")
+  total = values.sum()
+  if abs(total - 1.0) > _PRIOR_SUM_ATOL:
+    raise ValueError(
+        f"prior must sum to 1 (within {_PRIOR_SUM_ATOL}), got sum {total!r}; "
+        f"normalise it, e.g. prior / prior.sum().")
+
+
+def _log_rescale(log_p: jnp.ndarray, axis, log_mass) -> jnp.ndarray:
+  """Rescales slices along `axis` to total mass exp(log_mass), in log domain.
+
+  An all-zero slice (logsumexp = -inf) cannot be rescaled; it is left at zero
+  instead of turning into NaN (-inf - -inf).
+  """
+  lse = jax.nn.logsumexp(log_p, axis=axis, keepdims=True)
+  lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+  return log_p - lse + log_mass
+
+
+def _log_sinkhorn(log_p: jnp.ndarray, marginal: jnp.ndarray, num_iters: int,
+                  name: str) -> jnp.ndarray:
+  """Log-domain Sinkhorn on log p (any scale); `name` is for error messages."""
+  if log_p.ndim != 2:
+    raise ValueError(f"{name} must be rank 2 [B, K], got shape {log_p.shape}.")
+  batch, num_prototypes = log_p.shape
+  if jnp.shape(marginal) != (num_prototypes,):
+    raise ValueError(
+        f"marginal must have shape [K]=({num_prototypes},), "
+        f"got {jnp.shape(marginal)}.")
+  if int(num_iters) != num_iters or num_iters < 0:
+    raise ValueError(f"num_iters must be an integer >= 0, got {num_iters!r}.")
+  log_p = log_p.astype(jnp.float32)
+  if num_iters == 0:  # Sinkhorn off: plain row normalisation.
+    return _log_rescale(log_p, 1, 0.0)
+  log_marginal = jnp.log(jnp.asarray(marginal, jnp.float32))[None, :]
+  log_batch = jnp.log(jnp.float32(batch))
+  # P = p / sum(P): a global shift, absorbed by the first column rescale, kept
+  # to mirror the official code (and to keep magnitudes near 0).
+  log_p = _log_rescale(log_p, (0, 1), 0.0)
+  for _ in range(int(num_iters)):  # Official MSN order: columns, then rows.
+    log_p = _log_rescale(log_p, 0, log_marginal)  # prototype k -> mass m_k
+    log_p = _log_rescale(log_p, 1, -log_batch)    # sample b -> mass 1/B
+  return log_p + log_batch  # Each row is an assignment summing to 1.
+
+
+def sinkhorn_from_logits(logits: jnp.ndarray, marginal: jnp.ndarray,
+                         num_iters: int) -> jnp.ndarray:
+  """Sinkhorn-Knopp balancing of softmax(logits, -1) [B, K] to `marginal`.
+
+  Equals `sinkhorn(softmax(logits), ...)`, but never leaves the log domain,
+  so a very peaked sharpened target (logits / (τT) spans hundreds) cannot
+  underflow to an all-zero column. The softmax matters: a per-row offset of
+  the logits is not a no-op, since the first step rescales columns. Rows of
+  the result sum to 1; column k sums to ≈ B·marginal_k. No stop_gradient here.
+  """
+  logits = jnp.asarray(logits, jnp.float32)
+  log_p = jax.nn.log_softmax(logits, axis=-1) if logits.ndim == 2 else logits
+  return jnp.exp(_log_sinkhorn(log_p, marginal, num_iters, "logits"))
+
+
+def sinkhorn(probs: jnp.ndarray, marginal: jnp.ndarray,
+             num_iters: int) -> jnp.ndarray:
+  """Official MSN Sinkhorn on non-negative probs [B, K] (e.g. sharpened).
+
+  Computed in the log domain on log(probs): zeros become -inf and stay
+  exactly zero, as in the probability domain, and an all-zero row or column
+  stays zero instead of becoming NaN. For row-normalised probs this equals
+  `sinkhorn_from_logits(log(probs), ...)`.
+  """
+  probs = jnp.asarray(probs, jnp.float32)
+  positive = probs > 0
+  log_p = jnp.where(positive, jnp.log(jnp.where(positive, probs, 1.0)),
+                    -jnp.inf)
+  return jnp.exp(_log_sinkhorn(log_p, marginal, num_iters, "probs"))
+
+
+def _l2_normalize(x: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
+  """x / max(‖x‖, eps) like torch F.normalize; finite gradient at x = 0."""
+  sq = jnp.sum(x * x, axis=-1, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
+
+
+def pmsn_loss(
+    anchors: jnp.ndarray,
+    targets: jnp.ndarray,
+    prototypes: jnp.ndarray,
+    prior: jnp.ndarray,
+    *,
+    temperature: float = 0.1,
+    target_temperature: float = 0.25,
+    sinkhorn_iters: int = 3,
+    sinkhorn_marginal: str = "prior",
+    reg_weight: float = 1.0,
+    kl_direction: str = "mean_to_prior",
+) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
+  """PMSN loss L = CE(P, p_a) + reg_weight · KL against the prior.
+
+  Args:
+    anchors: [B, V, d] anchor-view projections (masked + focal views).
+    targets: [B, d] target-encoder projections; no gradient flows through them
+      (nor through the prototypes on the target path), as in official MSN.
+    prototypes: [K, d] learnable prototypes.
+    prior: [K] cluster prior π (positive, sums to 1).
+    temperature: τ of the anchor (and target) softmax over prototypes.
+    target_temperature: sharpening T; target logits are scaled by 1/(τT).
+    sinkhorn_iters: Sinkhorn iterations on the targets; 0 disables it.
+    sinkhorn_marginal: "prior" balances target clusters to B·π (the design
+      card's PMSN choice); "uniform" to B/K (MSN, lightly's PMSN).
+    reg_weight: λ on the regulariser.
+    kl_direction: "mean_to_prior" R = KL(p̄‖π) (default; ME-MAX for uniform π)
+      or "prior_to_mean" R = KL(π‖p̄) (what lightly computes).
+
+  Returns:
+    (loss, metrics): scalar float32 loss and a dict of float32 scalars.
+  """
+  if anchors.ndim != 3:
+    raise ValueError(f"anchors must be rank 3 [B, V, d], got {anchors.shape}.")
+  if targets.ndim != 2:
+    raise ValueError(f"targets must be rank 2 [B, d], got {targets.shape}.")
+  if prototypes.ndim != 2:
+    raise ValueError(
+        f"prototypes must be rank 2 [K, d], got {prototypes.shape}.")
+  if targets.shape[0] != anchors.shape[0]:
+    raise ValueError(f"targets batch {targets.shape[0]} != anchors batch "
+                     f"{anchors.shape[0]} (anchors [B, V, d], targets [B, d]).")
+  dims = (anchors.shape[-1], targets.shape[-1], prototypes.shape[-1])
+  if len(set(dims)) != 1:
+    raise ValueError(f"feature dim mismatch: anchors {dims[0]}, targets "
+                     f"{dims[1]}, prototypes {dims[2]} must all be equal.")
+  num_prototypes = prototypes.shape[0]
+  validate_prior(prior, num_prototypes)
+  if sinkhorn_marginal not in SINKHORN_MARGINALS:
+    raise ValueError(f"sinkhorn_marginal must be one of {SINKHORN_MARGINALS}, "
+                     f"got {sinkhorn_marginal!r}.")
+  if kl_direction not in KL_DIRECTIONS:
+    raise ValueError(f"kl_direction must be one of {KL_DIRECTIONS}, "
+                     f"got {kl_direction!r}.")
+  for name, value in (("temperature", temperature),
+                      ("target_temperature", target_temperature)):
+    if _is_concrete(value) and not value > 0:
+      raise ValueError(f"{name} must be > 0, got {value!r}.")
+  if int(sinkhorn_iters) != sinkhorn_iters or sinkhorn_iters < 0:
+    raise ValueError(f"sinkhorn_iters must be an integer >= 0 (0 disables "
+                     f"Sinkhorn), got {sinkhorn_iters!r}.")
+
+  f32 = jnp.float32
+  anchors, targets, prototypes = (
+      _l2_normalize(x.astype(f32)) for x in (anchors, targets, prototypes))
+  prior = jnp.asarray(prior, f32)
+  log_prior = jnp.log(prior)
+
+  # Anchor predictions p_a = softmax(â Q̂ᵀ / τ), [B, V, K].
+  log_p_anchor = jax.nn.log_softmax(
+      jnp.einsum("bvd,kd->bvk", anchors, prototypes) / temperature, axis=-1)
+
+  # Targets: sharpened softmax(t̂ Q̂ᵀ / (τT)), Sinkhorn-balanced, no gradient.
+  target_logits = jax.lax.stop_gradient(
+      targets @ prototypes.T / (temperature * target_temperature))
+  marginal = (prior if sinkhorn_marginal == "prior"
+              else jnp.full((num_prototypes,), 1.0 / num_prototypes, f32))
+  log_p_target = jax.lax.stop_gradient(_log_sinkhorn(
+      jax.nn.log_softmax(target_logits, axis=-1), marginal, sinkhorn_iters,
+      "targets"))
+  p_target = jnp.exp(log_p_target)
+
+  ce = -jnp.mean(jnp.sum(p_target[:, None, :] * log_p_anchor, axis=-1))
+
+  # log p̄ via logsumexp over (b, v): an exact "safe log" (no epsilon), finite
+  # even where p̄_k underflows, so both KL directions stay finite.
+  num_rows = anchors.shape[0] * anchors.shape[1]
+  log_p_mean = (jax.nn.logsumexp(log_p_anchor, axis=(0, 1))
+                - jnp.log(jnp.float32(num_rows)))
+  p_mean = jnp.exp(log_p_mean)
+  if kl_direction == "mean_to_prior":
+    reg = jnp.sum(p_mean * (log_p_mean - log_prior))
+  else:
+    reg = jnp.sum(prior * (log_prior - log_p_mean))
+  loss = ce + reg_weight * reg
+
+  assigned = jax.nn.one_hot(jnp.argmax(p_target, axis=-1), num_prototypes)
+  metrics = {
+      "loss": loss,
+      "ce": ce,
+      "reg": reg,
+      "mean_entropy": -jnp.sum(p_mean * log_p_mean),
+      "target_entropy": jnp.mean(jnp.sum(
+          jax.scipy.special.entr(p_target), axis=-1)),
+      "prototypes_in_use": jnp.sum(jnp.max(assigned, axis=0)).astype(f32),
+  }
+  return loss, metrics

@@ -1,0 +1,130 @@
+"""Model shapes, patch drop, position-embedding interpolation, EMA, schedules, decay mask."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import demo
+from pmsn_jax import schedules, step
+from pmsn_jax.models import msn, vit
+
+TINY = vit.ViTConfig(width=32, depth=2, num_heads=4, patch_size=4, image_size=16, channels=3)
+
+
+def count_params(module) -> int:
+  return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+@pytest.mark.parametrize("variant,expected", [
+    ("Ti/16", 5_524_416), ("S/16", 21_665_664), ("B/16", 85_798_656)])
+def test_official_sizes_have_the_known_parameter_counts(variant, expected):
+  # DeiT-Ti/S/B without their 1000-way classifier (5.72M/22.05M/86.57M with it).
+  size, patch = vit.parse_variant(variant)
+  cfg = vit.ViTConfig(**size, patch_size=patch, image_size=224)
+  assert count_params(nnx.eval_shape(lambda: vit.ViT(cfg, rngs=nnx.Rngs(0)))) == expected
+
+
+@pytest.mark.parametrize("variant", ["L/16", "H/16", "S/8", "B/4", "mu/7"])
+def test_every_size_and_patch_builds(variant):
+  size, patch = vit.parse_variant(variant)
+  cfg = vit.ViTConfig(**size, patch_size=patch, image_size=patch * 4)
+  model = nnx.eval_shape(lambda: vit.ViT(cfg, rngs=nnx.Rngs(0)))
+  assert model.blocks.qkv.kernel.shape == (size["depth"], size["width"], 3 * size["width"])
+
+
+@pytest.mark.parametrize("bad", ["S", "S/5", "XL/16", "", "s/16"])
+def test_bad_variant_is_a_clear_error(bad):
+  with pytest.raises(ValueError, match="model.variant"):
+    vit.parse_variant(bad)
+
+
+def test_encoder_shapes_with_masking_and_focal_views():
+  model = vit.ViT(TINY, rngs=nnx.Rngs(0))
+  images = jnp.ones((3, 16, 16, 3))
+  assert model(images).shape == (3, 32)
+  assert model(images, mask_ratio=0.5, rng=jax.random.key(1)).shape == (3, 32)
+  assert model(jnp.ones((5, 8, 8, 3))).shape == (5, 32)  # focal crop: 2x2 grid
+  with pytest.raises(ValueError, match="rng"):
+    model(images, mask_ratio=0.5)
+
+
+def test_patch_drop_keeps_a_per_sample_subset():
+  tokens = jnp.arange(2 * 10, dtype=jnp.float32).reshape(2, 10, 1) + jnp.zeros((2, 10, 3))
+  kept = vit.keep_random_patches(tokens, 7, jax.random.key(0))
+  assert kept.shape == (2, 7, 3)
+  for b in range(2):
+    values = np.asarray(kept[b, :, 0])
+    assert len(set(values)) == 7 and set(values) <= set(np.asarray(tokens[b, :, 0]))
+  orders = [tuple(np.asarray(kept[b, :, 0]) - 10 * b) for b in range(2)]
+  assert orders[0] != orders[1]  # independent permutations per sample
+
+
+def test_position_embedding_interpolation_is_identity_at_base_grid_and_smooth_below():
+  model = vit.ViT(TINY, rngs=nnx.Rngs(0))
+  cls_pos, patch_pos = model.position_embedding(4)
+  np.testing.assert_array_equal(jnp.concatenate([cls_pos, patch_pos], 1), model.pos_embed[...])
+  cls_small, small = model.position_embedding(2)
+  np.testing.assert_array_equal(cls_small, cls_pos)
+  assert small.shape == (1, 4, 32) and np.isfinite(np.asarray(small)).all()
+  # A constant table stays constant under resizing.
+  model.pos_embed[...] = jnp.ones_like(model.pos_embed[...])
+  np.testing.assert_allclose(model.position_embedding(2)[1], 1.0, rtol=1e-5)
+
+
+def _tiny_msn():
+  return msn.MSN(TINY, hidden_dim=16, out_dim=8, num_prototypes=6, rngs=nnx.Rngs(0))
+
+
+def test_msn_projections_and_target_starts_as_copy():
+  model = _tiny_msn()
+  anchors = model.anchor_projections(jnp.ones((4, 16, 16, 3)), jnp.ones((4, 3, 8, 8, 3)),
+                                     mask_ratio=0.25, rng=jax.random.key(0))
+  assert anchors.shape == (4, 4, 8)
+  assert model.target_projections(jnp.ones((4, 16, 16, 3))).shape == (4, 8)
+  _, params, target, _ = step.split_model(model)
+  for t, o in zip(jax.tree.leaves(target["target"]), jax.tree.leaves(params["online"])):
+    np.testing.assert_array_equal(t, o)
+  assert "prototypes" not in target
+
+
+def test_ema_update_is_the_convex_combination():
+  _, params, target, _ = step.split_model(_tiny_msn())
+  params = jax.tree.map(lambda x: x + 1.0, params)
+  moved = step.ema_update(target, params, 0.9)
+  for new, old, online in zip(jax.tree.leaves(moved["target"]), jax.tree.leaves(target["target"]),
+                              jax.tree.leaves(params["online"])):
+    np.testing.assert_allclose(new, 0.9 * old + 0.1 * online, rtol=1e-6)
+
+
+def test_decay_mask_skips_biases_norms_tokens_and_prototypes():
+  _, params, _, _ = step.split_model(_tiny_msn())
+  mask = step.decay_mask(params)
+  flat = {"/".join(str(getattr(k, "key", k)) for k in path): v
+          for path, v in jax.tree_util.tree_leaves_with_path(mask)}
+  assert any(v for k, v in flat.items() if "qkv/kernel" in k)
+  for key, decays in flat.items():
+    skip = any(s in key for s in ("bias", "scale", "prototypes"))
+    assert decays != skip, key
+
+
+def test_schedules_at_known_steps():
+  c = demo.get_config()
+  c.total_steps, c.optim.warmup_steps, c.optim.schedule_horizon_factor = 100, 10, 1.25
+  c.optim.start_lr, c.optim.lr, c.optim.final_lr = 2e-4, 1e-3, 1e-6
+  c.optim.weight_decay, c.optim.final_weight_decay = 0.04, 0.4
+  c.optim.ema_momentum, c.optim.final_ema_momentum = 0.996, 1.0
+  s = schedules.make_schedules(c)
+  assert schedules.horizon_steps(c) == 125
+  np.testing.assert_allclose(s.learning_rate(0), 2e-4, rtol=1e-6)
+  np.testing.assert_allclose(s.learning_rate(10), 1e-3, rtol=1e-6)
+  np.testing.assert_allclose(s.learning_rate(125), 1e-6, rtol=1e-5)
+  # cosine from the peak: halfway through the decay phase is the midpoint
+  np.testing.assert_allclose(s.learning_rate(10 + 115 // 2), (1e-3 + 1e-6) / 2, rtol=2e-2)
+  np.testing.assert_allclose(s.weight_decay(0), 0.04, rtol=1e-6)
+  np.testing.assert_allclose(s.weight_decay(125), 0.4, rtol=1e-6)
+  np.testing.assert_allclose(s.weight_decay(62.5), 0.22, rtol=1e-6)
+  np.testing.assert_allclose(s.ema_momentum(0), 0.996, rtol=1e-7)
+  np.testing.assert_allclose(s.ema_momentum(62.5), 0.998, rtol=1e-7)
+  np.testing.assert_allclose(s.ema_momentum(125), 1.0, rtol=1e-7)
