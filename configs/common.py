@@ -82,6 +82,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.enabled = True
   c.eval.batch_size = 512
+  # 0 = all. Caps on the balanced train / test splits (their first N rows) for quick runs
+  # such as smoke tests; the long-tailed bank keeps the pretraining rows among them.
+  c.eval.max_train_examples = 0
+  c.eval.max_test_examples = 0
   c.eval.knn_k = 20
   c.eval.knn_temperature = 0.07
   c.eval.linear_epochs = 100

@@ -67,6 +67,9 @@ def get_config(arg=None):
     c.model.num_prototypes = 64
     c.data.num_focal = 2
     c.eval.linear_epochs = 2
+    c.eval.batch_size = 512
+    c.eval.max_train_examples = 4000
+    c.eval.max_test_examples = 2000
   if "msn" in args:
     common.msn(c)
   return c

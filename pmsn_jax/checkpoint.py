@@ -11,6 +11,7 @@ evaluated) plus everything `load_encoder` needs to rebuild and feed it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Callable
@@ -107,18 +108,17 @@ def load_encoder(path: str) -> Callable[[jax.Array], jax.Array]:
       raise ValueError(f"{path}/params does not match its model_config.json "
                        f"({str(e).splitlines()[0][:200]}).") from None
   nnx.replace_by_pure_dict(abstract_state, params)
-  encoder = nnx.merge(graphdef, abstract_state)
   mean = jnp.asarray(meta["mean"], jnp.float32)
   std = jnp.asarray(meta["std"], jnp.float32)
 
   @jax.jit
-  def encode(images):
+  def encode(state, images):
     if images.ndim != 4 or images.shape[-1] != cfg.channels:
       raise ValueError(f"images must be [N, H, W, {cfg.channels}], got {images.shape}.")
     x = images.astype(jnp.float32) / 255.0
     if x.shape[1:3] != (cfg.image_size, cfg.image_size):
       x = jax.image.resize(x, (x.shape[0], cfg.image_size, cfg.image_size, cfg.channels),
                            "bilinear")
-    return encoder((x - mean) / std)
+    return nnx.merge(graphdef, state)((x - mean) / std)
 
-  return encode
+  return functools.partial(encode, abstract_state)

@@ -6,8 +6,9 @@ and adds ME-MAX, which pushes the mean assignment p̄ towards uniform. That is a
 hidden uniform cluster prior; PMSN (Assran et al., ICLR 2023) replaces it with
 KL(p̄ ‖ π) for a prior π, e.g. a power law for long-tailed data.
 
-MSN is exactly `pmsn_loss(..., prior=uniform_prior(K), sinkhorn_marginal=
-"uniform")`: with uniform π, KL(p̄ ‖ π) = log K − H(p̄), ME-MAX up to a constant.
+MSN is exactly `pmsn_loss(..., prior=uniform_prior(K),
+sinkhorn_marginal="uniform")`: with uniform π, KL(p̄ ‖ π) = log K − H(p̄),
+i.e. MSN's ME-MAX term up to a constant.
 
 All functions are single-device math. Under `jax.jit` on a batch-sharded
 global array the batch means / sums below become cross-device reductions, so
@@ -89,19 +90,20 @@ def _log_rescale(log_p: jnp.ndarray, axis, log_mass) -> jnp.ndarray:
   return log_p - lse + log_mass
 
 
-def _log_sinkhorn(log_p: jnp.ndarray, marginal: jnp.ndarray, num_iters: int,
-                  name: str) -> jnp.ndarray:
-  """Log-domain Sinkhorn on log p (any scale); `name` is for error messages."""
-  if log_p.ndim != 2:
-    raise ValueError(f"{name} must be rank 2 [B, K], got shape {log_p.shape}.")
-  batch, num_prototypes = log_p.shape
+def _log_sinkhorn(x: jnp.ndarray, marginal: jnp.ndarray, num_iters: int,
+                  name: str, from_logits: bool) -> jnp.ndarray:
+  """Log-domain Sinkhorn; x is logits or log p (any scale). Returns log P."""
+  if x.ndim != 2:
+    raise ValueError(f"{name} must be rank 2 [B, K], got shape {x.shape}.")
+  batch, num_prototypes = x.shape
   if jnp.shape(marginal) != (num_prototypes,):
-    raise ValueError(
-        f"marginal must have shape [K]=({num_prototypes},), "
-        f"got {jnp.shape(marginal)}.")
+    raise ValueError(f"marginal must have shape [K]=({num_prototypes},), "
+                     f"got {jnp.shape(marginal)}.")
   if int(num_iters) != num_iters or num_iters < 0:
     raise ValueError(f"num_iters must be an integer >= 0, got {num_iters!r}.")
-  log_p = log_p.astype(jnp.float32)
+  log_p = x.astype(jnp.float32)
+  if from_logits:
+    log_p = jax.nn.log_softmax(log_p, axis=-1)
   if num_iters == 0:  # Sinkhorn off: plain row normalisation.
     return _log_rescale(log_p, 1, 0.0)
   log_marginal = jnp.log(jnp.asarray(marginal, jnp.float32))[None, :]
@@ -119,31 +121,29 @@ def sinkhorn_from_logits(logits: jnp.ndarray, marginal: jnp.ndarray,
                          num_iters: int) -> jnp.ndarray:
   """Sinkhorn-Knopp balancing of softmax(logits, -1) [B, K] to `marginal`.
 
-  Equals `sinkhorn(softmax(logits), ...)`, but never leaves the log domain,
-  so a very peaked sharpened target (logits / (τT) spans hundreds) cannot
-  underflow to an all-zero column. The softmax matters: a per-row offset of
-  the logits is not a no-op, since the first step rescales columns. Rows of
-  the result sum to 1; column k sums to ≈ B·marginal_k. No stop_gradient here.
+  Equals `sinkhorn(softmax(logits), ...)` but never leaves the log domain, so
+  a very peaked sharpened target (logits / (τT) span hundreds) cannot
+  underflow. The softmax matters: a per-row offset of the logits is not a
+  no-op, since the first step rescales columns. Rows of the result sum to 1,
+  column k to ≈ B·marginal_k. No stop_gradient here: the caller decides.
   """
-  logits = jnp.asarray(logits, jnp.float32)
-  log_p = jax.nn.log_softmax(logits, axis=-1) if logits.ndim == 2 else logits
-  return jnp.exp(_log_sinkhorn(log_p, marginal, num_iters, "logits"))
+  logits = jnp.asarray(logits)
+  return jnp.exp(_log_sinkhorn(logits, marginal, num_iters, "logits", True))
 
 
 def sinkhorn(probs: jnp.ndarray, marginal: jnp.ndarray,
              num_iters: int) -> jnp.ndarray:
   """Official MSN Sinkhorn on non-negative probs [B, K] (e.g. sharpened).
 
-  Computed in the log domain on log(probs): zeros become -inf and stay
-  exactly zero, as in the probability domain, and an all-zero row or column
-  stays zero instead of becoming NaN. For row-normalised probs this equals
-  `sinkhorn_from_logits(log(probs), ...)`.
+  Runs in the log domain on log(probs): zeros stay exactly zero, as in the
+  probability domain, and an all-zero row or column stays zero, not NaN.
+  For row-normalised probs this is `sinkhorn_from_logits(log(probs), ...)`.
   """
   probs = jnp.asarray(probs, jnp.float32)
   positive = probs > 0
   log_p = jnp.where(positive, jnp.log(jnp.where(positive, probs, 1.0)),
                     -jnp.inf)
-  return jnp.exp(_log_sinkhorn(log_p, marginal, num_iters, "probs"))
+  return jnp.exp(_log_sinkhorn(log_p, marginal, num_iters, "probs", False))
 
 
 def _l2_normalize(x: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
@@ -190,8 +190,8 @@ def pmsn_loss(
   if targets.ndim != 2:
     raise ValueError(f"targets must be rank 2 [B, d], got {targets.shape}.")
   if prototypes.ndim != 2:
-    raise ValueError(
-        f"prototypes must be rank 2 [K, d], got {prototypes.shape}.")
+    raise ValueError(f"prototypes must be rank 2 [K, d], got "
+                     f"{prototypes.shape}.")
   if targets.shape[0] != anchors.shape[0]:
     raise ValueError(f"targets batch {targets.shape[0]} != anchors batch "
                      f"{anchors.shape[0]} (anchors [B, V, d], targets [B, d]).")
@@ -225,15 +225,14 @@ def pmsn_loss(
   log_p_anchor = jax.nn.log_softmax(
       jnp.einsum("bvd,kd->bvk", anchors, prototypes) / temperature, axis=-1)
 
-  # Targets: sharpened softmax(t̂ Q̂ᵀ / (τT)), Sinkhorn-balanced, no gradient.
+  # Targets P: sharpened softmax(t̂ Q̂ᵀ / (τT)), Sinkhorn-balanced. The stop
+  # gradient on the logits covers the whole target path (targets, prototypes).
   target_logits = jax.lax.stop_gradient(
       targets @ prototypes.T / (temperature * target_temperature))
   marginal = (prior if sinkhorn_marginal == "prior"
               else jnp.full((num_prototypes,), 1.0 / num_prototypes, f32))
-  log_p_target = jax.lax.stop_gradient(_log_sinkhorn(
-      jax.nn.log_softmax(target_logits, axis=-1), marginal, sinkhorn_iters,
-      "targets"))
-  p_target = jnp.exp(log_p_target)
+  p_target = jnp.exp(_log_sinkhorn(target_logits, marginal, sinkhorn_iters,
+                                   "targets", from_logits=True))
 
   ce = -jnp.mean(jnp.sum(p_target[:, None, :] * log_p_anchor, axis=-1))
 

@@ -24,10 +24,21 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _load_config_from_argv(argv):
+  """Loads --config=<file>[:arg] by hand (used only when flag parsing itself failed)."""
+  import importlib.util
+  spec = next(a.split("=", 1)[1] for a in argv if a.startswith("--config="))
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_pmsn_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
 def _unknown_key_hint(argv) -> str | None:
   """Finds --config.<key> overrides that name no key and suggests the closest one."""
   from pmsn_jax import validation
-  config = _CONFIG.value
+  config = _load_config_from_argv(argv)
   for arg in argv:
     match = re.match(r"--config\.([\w.]+)=", arg)
     if not match:
@@ -53,18 +64,24 @@ def main(argv):
     sys.exit(USER_ERROR_EXIT)
 
 
-def run():
+def parse_flags(argv):
+  """absl's parser, with user mistakes turned into one line and exit status 2."""
   try:
-    flags.FLAGS(sys.argv)
-  except flags.Error as e:
+    return flags.FLAGS(argv)
+  # config_flags reports a bad override as flags.Error, AttributeError (unknown key) or
+  # TypeError/ValueError (a value of the wrong type).
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     hint = None
     try:
-      hint = _unknown_key_hint(sys.argv)
-    except Exception:  # the config file itself may be what failed
+      hint = _unknown_key_hint(argv)
+    except Exception:  # noqa: BLE001  the config file itself may be what failed
       pass
     print(f"error: {hint or str(e).splitlines()[0]}", file=sys.stderr)
     sys.exit(USER_ERROR_EXIT)
-  app.run(main, argv=sys.argv)
+
+
+def run():
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -96,7 +96,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer = metrics.MetricWriter(workdir)
   progress = metrics.Progress(start_step, config.total_steps, config.batch_size)
   eval_data = suite.EvalData(train_split.images, train_split.labels, test_split.images,
-                             test_split.labels, pretrain_rows, train_split.num_classes)
+                             test_split.labels, pretrain_rows, train_split.num_classes
+                             ).capped(config.eval.max_train_examples, config.eval.max_test_examples)
 
   for current in range(start_step + 1, config.total_steps + 1):
     batch = next(batches)

@@ -131,5 +131,7 @@ def validate(config) -> None:
   e = config.eval
   for key in ("batch_size", "knn_k", "linear_epochs", "linear_batch_size"):
     _positive_int(config, f"eval.{key}")
+  for key in ("max_train_examples", "max_test_examples"):
+    _positive_int(config, f"eval.{key}", allow_zero=True)
   _require(e.knn_temperature > 0, "eval.knn_temperature", e.knn_temperature, "expected > 0")
   _require(e.linear_lr > 0, "eval.linear_lr", e.linear_lr, "expected > 0")

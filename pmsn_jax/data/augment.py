@@ -44,230 +44,234 @@ _K = max(_COL.values()) + 1
 
 
 def field(cfg, name):
-    """cfg.name, DEFAULTS[name] when absent or None; a clear error for required fields."""
-    value = getattr(cfg, name, None)
-    if value is not None:
-        return value
-    if name in DEFAULTS:
-        return DEFAULTS[name]
-    raise ValueError(f"data config needs field {name!r} (required: {', '.join(REQUIRED)})")
+  """cfg.name, DEFAULTS[name] when absent or None; a clear error for required fields."""
+  value = getattr(cfg, name, None)
+  if value is not None:
+    return value
+  if name in DEFAULTS:
+    return DEFAULTS[name]
+  raise ValueError(f"data config needs field {name!r} (required: {', '.join(REQUIRED)})")
 
 
 def make_views(image, seed, cfg) -> dict[str, tf.Tensor]:
-    """uint8 [H,W,C] + seed [2] -> target/anchor [S,S,C], focal [F,s,s,C], float32, normalised."""
-    views = make_views_batch(image[None], tf.reshape(seed, [1, 2]), cfg)
-    return {k: v[0] for k, v in views.items()}
+  """uint8 [H,W,C] + seed [2] -> target/anchor [S,S,C], focal [F,s,s,C], float32, normalised."""
+  views = make_views_batch(image[None], tf.reshape(seed, [1, 2]), cfg)
+  return {k: v[0] for k, v in views.items()}
 
 
 def make_views_batch(images, seeds, cfg) -> dict[str, tf.Tensor]:
-    """Batched make_views: uint8 [N,H,W,C] (same H,W), seeds [N,2] -> [N,...] per view.
+  """Batched make_views: uint8 [N,H,W,C] (same H,W), seeds [N,2] -> [N,...] per view.
 
-    Row i depends only on (images[i], seeds[i]), never on the batch it sits in.
-    """
-    images = tf.convert_to_tensor(images)
-    seeds = tf.convert_to_tensor(seeds)
-    if images.dtype != tf.uint8 or images.shape.rank != 4 or images.shape[-1] is None:
-        raise ValueError(f"images must be uint8 [N,H,W,C] with a known C, got {images.dtype} "
-                         f"{images.shape}")
-    num_focal = int(field(cfg, "num_focal"))
-    size, focal_size = int(field(cfg, "image_size")), int(field(cfg, "focal_size"))
+  Row i depends only on (images[i], seeds[i]), never on the batch it sits in.
+  """
+  images = tf.convert_to_tensor(images)
+  seeds = tf.cast(seeds, tf.int64)  # An int32 seed would give a different stream.
+  if images.dtype != tf.uint8 or images.shape.rank != 4 or images.shape[-1] is None:
+    raise ValueError(f"images must be uint8 [N,H,W,C] with a known C, got {images.dtype} "
+                     f"{images.shape}")
+  num_focal = int(field(cfg, "num_focal"))
+  size, focal_size = int(field(cfg, "image_size")), int(field(cfg, "focal_size"))
 
-    def draw(seed):
-        group_seeds = tf.random.experimental.stateless_split(seed, 2)
-        return (tf.random.stateless_uniform([2, _K], group_seeds[0]),
-                tf.random.stateless_uniform([num_focal, _K], group_seeds[1]))
+  def draw(seed):
+    group_seeds = tf.random.experimental.stateless_split(seed, 2)
+    return (tf.random.stateless_uniform([2, _K], group_seeds[0]),
+            tf.random.stateless_uniform([num_focal, _K], group_seeds[1]))
 
-    u_pair, u_focal = tf.map_fn(draw, seeds, fn_output_signature=(
-        tf.TensorSpec([2, _K]), tf.TensorSpec([num_focal, _K])))
-    groups = [(u_pair, size, field(cfg, "target_scale"))]
-    if num_focal:
-        groups.append((u_focal, focal_size, field(cfg, "focal_scale")))
-    exp_args = [_exp_args(u, side, cfg) for u, side, _ in groups]
-    exps = _exp_per_example([t for pair in exp_args for t in pair])
-    views = [_augment_group(images, u, exps[2 * i], exps[2 * i + 1], side, scale, cfg)
-             for i, (u, side, scale) in enumerate(groups)]
-    pair = views[0]
-    if num_focal:
-        focal = views[1]
-    else:
-        focal = tf.zeros([tf.shape(images)[0], 0, focal_size, focal_size, images.shape[-1]])
-    return dict(target=pair[:, 0], anchor=pair[:, 1], focal=focal)
+  u_pair, u_focal = tf.map_fn(draw, seeds, fn_output_signature=(
+      tf.TensorSpec([2, _K]), tf.TensorSpec([num_focal, _K])))
+  groups = [(u_pair, size, field(cfg, "target_scale"))]
+  if num_focal:
+    groups.append((u_focal, focal_size, field(cfg, "focal_scale")))
+  exp_args = [_exp_args(u, side, cfg) for u, side, _ in groups]
+  exps = _exp_per_example([t for pair in exp_args for t in pair])
+  views = [_augment_group(images, u, exps[2 * i], exps[2 * i + 1], side, scale, cfg)
+           for i, (u, side, scale) in enumerate(groups)]
+  pair = views[0]
+  if num_focal:
+    focal = views[1]
+  else:
+    focal = tf.zeros([tf.shape(images)[0], 0, focal_size, focal_size, images.shape[-1]])
+  return dict(target=pair[:, 0], anchor=pair[:, 1], focal=focal)
 
 
 def eval_preprocess(image, cfg) -> tf.Tensor:
-    """uint8 [H,W,C] -> float32 [S,S,C]: centre square crop, resize to image_size, normalise."""
-    return eval_preprocess_batch(image[None], cfg)[0]
+  """uint8 [H,W,C] -> float32 [S,S,C]: centre square crop, resize to image_size, normalise."""
+  return eval_preprocess_batch(image[None], cfg)[0]
 
 
 def eval_preprocess_batch(images, cfg) -> tf.Tensor:
-    """Batched eval_preprocess. The centre square has side eval_crop_fraction * min(H, W)
-    (MSN's ImageNet eval: 224/256 = 0.875; 1.0 keeps all of a 28x28 image)."""
-    images = tf.convert_to_tensor(images)
-    size = int(field(cfg, "image_size"))
-    shape = tf.shape(images)
-    short = tf.cast(tf.minimum(shape[1], shape[2]), tf.float32)
-    side = tf.maximum(1, tf.cast(tf.round(short * field(cfg, "eval_crop_fraction")), tf.int32))
-    top, left = (shape[1] - side) // 2, (shape[2] - side) // 2
-    crop = tf.cast(images[:, top:top + side, left:left + side, :], tf.float32) / 255.0
-    x = tf.image.resize(crop, [size, size], antialias=True)
-    return _normalise(x, cfg)
+  """Batched eval_preprocess. The centre square has side eval_crop_fraction * min(H, W)
+  (MSN's ImageNet eval: 224/256 = 0.875; 1.0 keeps all of a 28x28 image)."""
+  images = tf.convert_to_tensor(images)
+  if images.dtype != tf.uint8:
+    raise ValueError(f"eval_preprocess expects uint8 images, got {images.dtype}")
+  size = int(field(cfg, "image_size"))
+  shape = tf.shape(images)
+  short = tf.cast(tf.minimum(shape[1], shape[2]), tf.float32)
+  side = tf.maximum(1, tf.cast(tf.round(short * field(cfg, "eval_crop_fraction")), tf.int32))
+  top, left = (shape[1] - side) // 2, (shape[2] - side) // 2
+  crop = tf.cast(images[:, top:top + side, left:left + side, :], tf.float32) / 255.0
+  x = tf.image.resize(crop, [size, size], antialias=True)
+  return _normalise(x, cfg)
 
 
 def _exp_args(u, size: int, cfg):
-    """Arguments of the exp()s of a view group u [N,V,_K]: log crop aspect ratios [N,V,_ATTEMPTS]
-    and log Gaussian blur weights -t^2 / (2 sigma^2) [N,V,k]."""
-    lo, hi = math.log(_RATIO[0]), math.log(_RATIO[1])
-    log_ratio = lo + (hi - lo) * u[..., _COL["log_ratio"]:_COL["log_ratio"] + _ATTEMPTS]
-    sigma_lo, sigma_hi = field(cfg, "blur_sigma")
-    sigma = sigma_lo + (sigma_hi - sigma_lo) * u[..., _COL["sigma"]:_COL["sigma"] + 1]
-    radius = _blur_radius(size)
-    taps = tf.range(-radius, radius + 1, dtype=tf.float32)
-    return log_ratio, -tf.square(taps) / (2.0 * tf.square(sigma))
+  """Arguments of the exp()s of a view group u [N,V,_K]: log crop aspect ratios [N,V,_ATTEMPTS]
+  and log Gaussian blur weights -t^2 / (2 sigma^2) [N,V,k]."""
+  lo, hi = math.log(_RATIO[0]), math.log(_RATIO[1])
+  log_ratio = lo + (hi - lo) * u[..., _COL["log_ratio"]:_COL["log_ratio"] + _ATTEMPTS]
+  sigma_lo, sigma_hi = field(cfg, "blur_sigma")
+  sigma = sigma_lo + (sigma_hi - sigma_lo) * u[..., _COL["sigma"]:_COL["sigma"] + 1]
+  radius = _blur_radius(size)
+  taps = tf.range(-radius, radius + 1, dtype=tf.float32)
+  return log_ratio, -tf.square(taps) / (2.0 * tf.square(sigma))
 
 
 def _exp_per_example(tensors: list[tf.Tensor]) -> list[tf.Tensor]:
-    """exp of each [N,...] tensor, computed one example at a time on a fixed-size vector.
+  """exp of each [N,...] tensor, computed one example at a time on a fixed-size vector.
 
-    TF's vectorised exp rounds differently for the elements in a tensor's scalar tail, so a
-    batched exp would make a view's crop and blur depend on the size of its batch. Everything
-    else in this module is exactly rounded arithmetic (+ - * / sqrt) and needs no such care.
-    """
-    n = tf.shape(tensors[0])[0]
-    flat = tf.map_fn(tf.exp, tf.concat([tf.reshape(t, [n, -1]) for t in tensors], axis=1))
-    sizes = [math.prod(t.shape[1:]) for t in tensors]
-    return [tf.reshape(part, tf.shape(t)) for part, t in zip(tf.split(flat, sizes, 1), tensors)]
+  TF's vectorised exp rounds differently for the elements in a tensor's scalar tail, so a
+  batched exp would make a view's crop and blur depend on the size of its batch. Everything
+  else in this module is exactly rounded arithmetic (+ - * / sqrt) and needs no such care.
+  """
+  n = tf.shape(tensors[0])[0]
+  flat = tf.map_fn(tf.exp, tf.concat([tf.reshape(t, [n, -1]) for t in tensors], axis=1))
+  sizes = [math.prod(t.shape[1:]) for t in tensors]
+  return [tf.reshape(part, tf.shape(t)) for part, t in zip(tf.split(flat, sizes, 1), tensors)]
 
 
 def _augment_group(images, u, ratio, kernel, size: int, scale, cfg) -> tf.Tensor:
-    """Views of side `size` for every image -> float32 [N,V,size,size,C].
+  """Views of side `size` for every image -> float32 [N,V,size,size,C].
 
-    u [N,V,_K] uniforms, ratio [N,V,_ATTEMPTS] crop aspect ratios, kernel [N,V,k] unnormalised
-    blur weights.
-    """
-    n, v, channels = tf.shape(u)[0], tf.shape(u)[1], images.shape[-1]
-    u, ratio, kernel = (tf.reshape(t, [n * v, t.shape[-1]]) for t in (u, ratio, kernel))
-    kernel /= tf.reduce_sum(kernel, axis=1, keepdims=True)
-    height, width = tf.shape(images)[1], tf.shape(images)[2]
-    boxes = _crop_boxes(u, ratio, height, width, scale, size)
-    owner = tf.repeat(tf.range(n), v)
-    x = tf.image.crop_and_resize(images, boxes, owner, [size, size]) / 255.0
-    if field(cfg, "flip"):
-        x = tf.where(_coin(u, "flip", 0.5), tf.reverse(x, axis=[2]), x)
-    x = _color_jitter(x, u, field(cfg, "color_jitter_prob"), field(cfg, "color_jitter_strength"))
-    if channels == 3:
-        gray = tf.tile(_luma(x), [1, 1, 1, 3])
-        x = tf.where(_coin(u, "gray", field(cfg, "grayscale_prob")), gray, x)
-    x = _blur(x, u, kernel, field(cfg, "blur_prob"))
-    x = _normalise(x, cfg)
-    return tf.reshape(x, [n, v, size, size, channels])
+  u [N,V,_K] uniforms, ratio [N,V,_ATTEMPTS] crop aspect ratios, kernel [N,V,k] unnormalised
+  blur weights.
+  """
+  n, v, channels = tf.shape(u)[0], tf.shape(u)[1], images.shape[-1]
+  u, ratio, kernel = (tf.reshape(t, [n * v, t.shape[-1]]) for t in (u, ratio, kernel))
+  kernel /= tf.reduce_sum(kernel, axis=1, keepdims=True)
+  height, width = tf.shape(images)[1], tf.shape(images)[2]
+  boxes = _crop_boxes(u, ratio, height, width, scale, size)
+  owner = tf.repeat(tf.range(n), v)
+  x = tf.image.crop_and_resize(images, boxes, owner, [size, size]) / 255.0
+  if field(cfg, "flip"):
+    x = tf.where(_coin(u, "flip", 0.5), tf.reverse(x, axis=[2]), x)
+  x = _color_jitter(x, u, field(cfg, "color_jitter_prob"), field(cfg, "color_jitter_strength"))
+  if channels == 3:
+    gray = tf.tile(_luma(x), [1, 1, 1, 3])
+    x = tf.where(_coin(u, "gray", field(cfg, "grayscale_prob")), gray, x)
+  x = _blur(x, u, kernel, field(cfg, "blur_prob"))
+  x = _normalise(x, cfg)
+  return tf.reshape(x, [n, v, size, size, channels])
 
 
 def _col(u, name):
-    return u[:, _COL[name]]
+  return u[:, _COL[name]]
 
 
 def _coin(u, name, prob) -> tf.Tensor:
-    """Per-view boolean [M,1,1,1], True with probability `prob`."""
-    return tf.reshape(_col(u, name) < prob, [-1, 1, 1, 1])
+  """Per-view boolean [M,1,1,1], True with probability `prob`."""
+  return tf.reshape(_col(u, name) < prob, [-1, 1, 1, 1])
 
 
 def _crop_boxes(u, ratio, height, width, scale, size: int) -> tf.Tensor:
-    """RandomResizedCrop boxes [M,4] in crop_and_resize's normalised coordinates.
+  """RandomResizedCrop boxes [M,4] in crop_and_resize's normalised coordinates.
 
-    Sampled as torchvision does (area ~ U(scale) * H * W, log aspect ~ U(log 3/4, log 4/3), first
-    of _ATTEMPTS that fits, else a centre crop), but with real-valued boxes. A crop smaller than
-    `size` is upsampled, so images smaller than the output (a 5x7 input) work.
-    """
-    h_img, w_img = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
-    attempts = slice(_COL["area"], _COL["area"] + _ATTEMPTS)
-    area = h_img * w_img * (scale[0] + (scale[1] - scale[0]) * u[:, attempts])
-    w, h = tf.sqrt(area * ratio), tf.sqrt(area / ratio)
-    fits = (w <= w_img) & (h <= h_img)
-    first = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)
-    w, h = tf.gather(w, first, batch_dims=1), tf.gather(h, first, batch_dims=1)
-    found = tf.reduce_any(fits, axis=1)
-    # Fallback: the largest centred crop whose aspect ratio lies in _RATIO.
-    w = tf.where(found, w, tf.minimum(w_img, h_img * _RATIO[1]))
-    h = tf.where(found, h, tf.minimum(h_img, w_img / _RATIO[0]))
-    y0 = tf.where(found, _col(u, "crop_y"), 0.5) * (h_img - h)
-    x0 = tf.where(found, _col(u, "crop_x"), 0.5) * (w_img - w)
+  Sampled as torchvision does (area ~ U(scale) * H * W, log aspect ~ U(log 3/4, log 4/3), first
+  of _ATTEMPTS that fits, else a centre crop), but with real-valued boxes. A crop smaller than
+  `size` is upsampled, so images smaller than the output (a 5x7 input) work. Resampling is
+  bilinear without antialiasing: right for MNIST-size images; large photos should be resized
+  near the output scale when decoded.
+  """
+  h_img, w_img = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+  attempts = slice(_COL["area"], _COL["area"] + _ATTEMPTS)
+  area = h_img * w_img * (scale[0] + (scale[1] - scale[0]) * u[:, attempts])
+  w, h = tf.sqrt(area * ratio), tf.sqrt(area / ratio)
+  fits = (w <= w_img) & (h <= h_img)
+  first = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)
+  w, h = tf.gather(w, first, batch_dims=1), tf.gather(h, first, batch_dims=1)
+  found = tf.reduce_any(fits, axis=1)
+  # Fallback: the largest centred crop whose aspect ratio lies in _RATIO.
+  w = tf.where(found, w, tf.minimum(w_img, h_img * _RATIO[1]))
+  h = tf.where(found, h, tf.minimum(h_img, w_img / _RATIO[0]))
+  y0 = tf.where(found, _col(u, "crop_y"), 0.5) * (h_img - h)
+  x0 = tf.where(found, _col(u, "crop_x"), 0.5) * (w_img - w)
 
-    def span(start, length, extent):
-        # Output pixel j samples pixel-centre coordinate start + (j + 0.5) * length / size - 0.5
-        # (half-pixel centres, as tf.image.resize); clamped so nothing is extrapolated.
-        first_c = start + 0.5 * length / size - 0.5
-        last_c = start + (size - 0.5) * length / size - 0.5
-        denom = tf.maximum(extent - 1.0, 1.0)
-        return (tf.clip_by_value(first_c, 0.0, extent - 1.0) / denom,
-                tf.clip_by_value(last_c, 0.0, extent - 1.0) / denom)
+  def span(start, length, extent):
+    # Output pixel j samples pixel-centre coordinate start + (j + 0.5) * length / size - 0.5
+    # (half-pixel centres, as tf.image.resize); clamped so nothing is extrapolated.
+    first_c = start + 0.5 * length / size - 0.5
+    last_c = start + (size - 0.5) * length / size - 0.5
+    denom = tf.maximum(extent - 1.0, 1.0)
+    return (tf.clip_by_value(first_c, 0.0, extent - 1.0) / denom,
+            tf.clip_by_value(last_c, 0.0, extent - 1.0) / denom)
 
-    y1, y2 = span(y0, h, h_img)
-    x1, x2 = span(x0, w, w_img)
-    return tf.stack([y1, x1, y2, x2], axis=1)
+  y1, y2 = span(y0, h, h_img)
+  x1, x2 = span(x0, w, w_img)
+  return tf.stack([y1, x1, y2, x2], axis=1)
 
 
 def _luma(x) -> tf.Tensor:
-    """[M,H,W,C] -> [M,H,W,1] grayscale (identity for C == 1)."""
-    if x.shape[-1] == 1:
-        return x
-    return tf.reduce_sum(x * tf.constant(_GRAY, x.dtype), axis=-1, keepdims=True)
+  """[M,H,W,C] -> [M,H,W,1] grayscale (identity for C == 1)."""
+  if x.shape[-1] == 1:
+    return x
+  return tf.reduce_sum(x * tf.constant(_GRAY, x.dtype), axis=-1, keepdims=True)
 
 
 def _factor(u, name, spread) -> tf.Tensor:
-    """Per-view factor ~ U(max(0, 1 - spread), 1 + spread), shape [M,1,1,1]."""
-    lo = max(0.0, 1.0 - spread)
-    return tf.reshape(lo + (1.0 + spread - lo) * _col(u, name), [-1, 1, 1, 1])
+  """Per-view factor ~ U(max(0, 1 - spread), 1 + spread), shape [M,1,1,1]."""
+  lo = max(0.0, 1.0 - spread)
+  return tf.reshape(lo + (1.0 + spread - lo) * _col(u, name), [-1, 1, 1, 1])
 
 
 def _color_jitter(x, u, prob, strength) -> tf.Tensor:
-    """SimCLR/MSN colour jitter (brightness, contrast, saturation 0.8s, hue 0.2s) in fixed order,
-    applied to each view with probability `prob`. Saturation and hue need RGB."""
-    if prob <= 0 or strength <= 0:
-        return x
-    y = tf.clip_by_value(x * _factor(u, "brightness", 0.8 * strength), 0.0, 1.0)
-    mean = tf.reduce_mean(_luma(y), axis=[1, 2, 3], keepdims=True)
-    y = tf.clip_by_value((y - mean) * _factor(u, "contrast", 0.8 * strength) + mean, 0.0, 1.0)
-    if x.shape[-1] == 3:
-        gray = _luma(y)
-        y = tf.clip_by_value((y - gray) * _factor(u, "saturation", 0.8 * strength) + gray, 0, 1)
-        hsv = tf.image.rgb_to_hsv(y)
-        delta = tf.reshape(0.2 * strength * (2.0 * _col(u, "hue") - 1.0), [-1, 1, 1])
-        hue = hsv[..., 0] + delta
-        hue = hue - tf.floor(hue)
-        y = tf.image.hsv_to_rgb(tf.stack([hue, hsv[..., 1], hsv[..., 2]], axis=-1))
-    return tf.where(_coin(u, "jitter", prob), y, x)
+  """SimCLR/MSN colour jitter (brightness, contrast, saturation 0.8s, hue 0.2s) in fixed order,
+  applied to each view with probability `prob`. Saturation and hue need RGB."""
+  if prob <= 0 or strength <= 0:
+    return x
+  y = tf.clip_by_value(x * _factor(u, "brightness", 0.8 * strength), 0.0, 1.0)
+  mean = tf.reduce_mean(_luma(y), axis=[1, 2, 3], keepdims=True)
+  y = tf.clip_by_value((y - mean) * _factor(u, "contrast", 0.8 * strength) + mean, 0.0, 1.0)
+  if x.shape[-1] == 3:
+    gray = _luma(y)
+    y = tf.clip_by_value((y - gray) * _factor(u, "saturation", 0.8 * strength) + gray, 0, 1)
+    hsv = tf.image.rgb_to_hsv(y)
+    delta = tf.reshape(0.2 * strength * (2.0 * _col(u, "hue") - 1.0), [-1, 1, 1])
+    hue = hsv[..., 0] + delta
+    hue = hue - tf.floor(hue)
+    y = tf.image.hsv_to_rgb(tf.stack([hue, hsv[..., 1], hsv[..., 2]], axis=-1))
+  return tf.where(_coin(u, "jitter", prob), y, x)
 
 
 def _blur_radius(size: int) -> int:
-    """Blur kernel 2r+1 with r = max(1, round(5% of the side)): 23 taps at 224, 3 at 28."""
-    return max(1, round(0.05 * size))
+  """Blur kernel 2r+1 with r = max(1, round(5% of the side)): 23 taps at 224, 3 at 28."""
+  return max(1, round(0.05 * size))
 
 
 def _blur(x, u, kernel, prob) -> tf.Tensor:
-    """Gaussian blur (per-view kernel [M,k] from _view_params) with probability `prob`.
+  """Gaussian blur (per-view normalised kernel [M,k]) with probability `prob`.
 
-    Separable with mirrored edges, each pass a per-view weighted sum of k shifted slices. Not
-    tf.nn.depthwise_conv2d with views folded into channels: its channel vectorisation made a
-    view's pixels depend on the batch size.
-    """
-    if prob <= 0:
-        return x
-    size, radius = x.shape[1], _blur_radius(x.shape[1])
-    y = tf.pad(x, [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="SYMMETRIC")
-    for axis in (1, 2):
-        out = 0.0
-        for j in range(2 * radius + 1):
-            window = y[:, j:j + size] if axis == 1 else y[:, :, j:j + size]
-            out += tf.reshape(kernel[:, j], [-1, 1, 1, 1]) * window
-        y = out
-    return tf.where(_coin(u, "blur", prob), y, x)
+  Separable with mirrored edges, each pass a per-view weighted sum of k shifted slices. Not
+  tf.nn.depthwise_conv2d with views folded into channels: its channel vectorisation made a
+  view's pixels depend on the batch size.
+  """
+  if prob <= 0:
+    return x
+  size, radius = x.shape[1], _blur_radius(x.shape[1])
+  y = tf.pad(x, [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="SYMMETRIC")
+  for axis in (1, 2):
+    out = 0.0
+    for j in range(2 * radius + 1):
+      window = y[:, j:j + size] if axis == 1 else y[:, :, j:j + size]
+      out += tf.reshape(kernel[:, j], [-1, 1, 1, 1]) * window
+    y = out
+  return tf.where(_coin(u, "blur", prob), y, x)
 
 
 def _normalise(x, cfg) -> tf.Tensor:
-    """(x - mean) / std per channel, x in [0, 1]; mean/std of length C or 1."""
-    mean = tf.constant(field(cfg, "mean"), tf.float32)
-    std = tf.constant(field(cfg, "std"), tf.float32)
-    for name, value in (("mean", mean), ("std", std)):
-        if value.shape.rank != 1 or value.shape[0] not in (1, x.shape[-1]):
-            raise ValueError(f"cfg.{name} needs 1 or {x.shape[-1]} values, got {value.shape}")
-    return (x - mean) / std
+  """(x - mean) / std per channel, x in [0, 1]; mean/std of length C or 1."""
+  mean = tf.constant(field(cfg, "mean"), tf.float32)
+  std = tf.constant(field(cfg, "std"), tf.float32)
+  for name, value in (("mean", mean), ("std", std)):
+    if value.shape.rank != 1 or value.shape[0] not in (1, x.shape[-1]):
+      raise ValueError(f"cfg.{name} needs 1 or {x.shape[-1]} values, got {value.shape}")
+  return (x - mean) / std

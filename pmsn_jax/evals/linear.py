@@ -50,6 +50,35 @@ def _predict(params, x):
   return jnp.argmax(_logits(params, x), axis=-1).astype(jnp.int32)
 
 
+def _optimizer(learning_rate, momentum, total_steps):
+  schedule = optax.cosine_decay_schedule(learning_rate, decay_steps=total_steps)
+  return optax.sgd(schedule, momentum=momentum, nesterov=True)
+
+
+# The optimiser is rebuilt from static hyper-parameters inside the trace, so repeated probes with
+# the same settings and shapes (seeds, low-shot splits) reuse one compiled epoch.
+@functools.partial(jax.jit, donate_argnums=(0, 1),
+                   static_argnames=("learning_rate", "momentum", "total_steps"))
+def _train_epoch(params, opt_state, features, labels, batch_idx, batch_mask, *, learning_rate,
+                 momentum, total_steps):
+  """One pass over the shuffled train set: a lax.scan of SGD steps over [steps, batch] indices."""
+  tx = _optimizer(learning_rate, momentum, total_steps)
+
+  def loss_fn(params, x, y, mask):
+    ce = optax.softmax_cross_entropy_with_integer_labels(_logits(params, x), y)
+    return jnp.sum(ce * mask) / jnp.sum(mask)  # Mean over the real rows of a padded batch.
+
+  def step(carry, batch):
+    params, opt_state = carry
+    idx, mask = batch
+    loss, grads = jax.value_and_grad(loss_fn)(params, features[idx], labels[idx], mask)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), loss
+
+  (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (batch_idx, batch_mask))
+  return params, opt_state, jnp.mean(losses)
+
+
 def _epoch_batches(rng, num_train, batch_size, steps):
   """A fresh permutation as [steps, batch] indices, last batch padded; mask marks real rows."""
   idx = np.zeros(steps * batch_size, np.int32)
@@ -90,36 +119,21 @@ def linear_probe(train_features, train_labels, test_features, *, num_classes, ep
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   if not learning_rate > 0:
     raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+  learning_rate, momentum = float(learning_rate), float(momentum)  # Static jit args: hashable.
   num_train, dim = train_features.shape
   batch_size = min(batch_size, num_train)
   steps = -(-num_train // batch_size)  # Ceil: the last partial batch is padded, not dropped.
 
-  schedule = optax.cosine_decay_schedule(learning_rate, decay_steps=epochs * steps)
-  tx = optax.sgd(schedule, momentum=momentum, nesterov=True)
-
-  def loss_fn(params, x, y, mask):
-    ce = optax.softmax_cross_entropy_with_integer_labels(_logits(params, x), y)
-    return jnp.sum(ce * mask) / jnp.sum(mask)
-
-  # Compiled once per call (tx is a closure, so it cannot be a jit argument); epochs reuse it.
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def train_epoch(params, opt_state, features, labels, batch_idx, batch_mask):
-    def step(carry, batch):
-      params, opt_state = carry
-      idx, mask = batch
-      loss, grads = jax.value_and_grad(loss_fn)(params, features[idx], labels[idx], mask)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), opt_state), loss
-    (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (batch_idx, batch_mask))
-    return params, opt_state, jnp.mean(losses)
-
+  tx = _optimizer(learning_rate, momentum, epochs * steps)
   params = _init_params(jax.random.PRNGKey(seed), dim, num_classes)
   opt_state = tx.init(params)
   features, labels = jnp.asarray(train_features), jnp.asarray(train_labels)
   rng = np.random.default_rng(seed)
   for _ in range(epochs):
     batch_idx, batch_mask = _epoch_batches(rng, num_train, batch_size, steps)
-    params, opt_state, _ = train_epoch(params, opt_state, features, labels, batch_idx, batch_mask)
+    params, opt_state, _ = _train_epoch(params, opt_state, features, labels, batch_idx, batch_mask,
+                                        learning_rate=learning_rate, momentum=momentum,
+                                        total_steps=epochs * steps)
 
   num_test = test_features.shape[0]
   chunk = max(1, min(_PREDICT_CHUNK, num_test))

@@ -27,6 +27,15 @@ class EvalData:
   pretrain_indices: np.ndarray  # rows of the train split used for pretraining
   num_classes: int
 
+  def capped(self, max_train: int = 0, max_test: int = 0) -> "EvalData":
+    """The first max_train / max_test rows (0 = all); pretraining rows among them stay."""
+    n_train = min(max_train or len(self.train_labels), len(self.train_labels))
+    n_test = min(max_test or len(self.test_labels), len(self.test_labels))
+    return dataclasses.replace(
+        self, train_images=self.train_images[:n_train], train_labels=self.train_labels[:n_train],
+        test_images=self.test_images[:n_test], test_labels=self.test_labels[:n_test],
+        pretrain_indices=self.pretrain_indices[self.pretrain_indices < n_train])
+
   @property
   def pretrain_counts(self) -> list[int]:
     labels = self.train_labels[self.pretrain_indices]
@@ -76,7 +85,7 @@ def evaluate(encode: Callable, random_encode: Callable | None, data: EvalData, c
 
 
 def format_table(result: dict) -> str:
-  rows = [("k-NN top-1 (balanced 60k bank)", "knn_top1", "random_init_knn_top1"),
+  rows = [("k-NN top-1 (balanced train bank)", "knn_top1", "random_init_knn_top1"),
           ("k-NN top-1 (long-tailed bank)", "knn_lt_top1", "random_init_knn_lt_top1"),
           ("linear probe top-1", "linear_top1", None)]
   lines = [f"{'metric':34s} {'PMSN encoder':>13s} {'random init':>12s}", "-" * 61]
