@@ -59,7 +59,7 @@ def validate_prior(prior: Any, num_prototypes: int) -> None:
   The shape is always checked (it is static under jit); the values only when
   `prior` is concrete, so this is safe to call inside jitted code.
   """
-  shape = jnp.shape(prior)
+  shape = np.shape(prior)
   if shape != (num_prototypes,):
     raise ValueError(
         f"prior must be a 1-D vector of length num_prototypes={num_prototypes} "
@@ -96,9 +96,9 @@ def _log_sinkhorn(x: jnp.ndarray, marginal: jnp.ndarray, num_iters: int,
   if x.ndim != 2:
     raise ValueError(f"{name} must be rank 2 [B, K], got shape {x.shape}.")
   batch, num_prototypes = x.shape
-  if jnp.shape(marginal) != (num_prototypes,):
+  if np.shape(marginal) != (num_prototypes,):
     raise ValueError(f"marginal must have shape [K]=({num_prototypes},), "
-                     f"got {jnp.shape(marginal)}.")
+                     f"got {np.shape(marginal)}.")
   if int(num_iters) != num_iters or num_iters < 0:
     raise ValueError(f"num_iters must be an integer >= 0, got {num_iters!r}.")
   log_p = x.astype(jnp.float32)
@@ -183,7 +183,9 @@ def pmsn_loss(
       or "prior_to_mean" R = KL(π‖p̄) (what lightly computes).
 
   Returns:
-    (loss, metrics): scalar float32 loss and a dict of float32 scalars.
+    (loss, metrics): scalar float32 loss; float32 scalars "loss", "ce",
+    "reg", "mean_entropy" H(p̄), "target_entropy" (mean row entropy of P) and
+    "prototypes_in_use" (prototypes that are the argmax of some row of P).
   """
   if anchors.ndim != 3:
     raise ValueError(f"anchors must be rank 3 [B, V, d], got {anchors.shape}.")

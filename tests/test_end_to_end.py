@@ -1,0 +1,69 @@
+"""End-to-end: demo.py:smoke trains, evaluates, exports, and a rerun resumes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pmsn_jax import load_encoder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FMNIST = os.environ.get("PMSN_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not os.path.exists(os.path.join(FMNIST, "train-images-idx3-ubyte.gz")),
+                       reason="needs Debian's dataset-fashion-mnist (make data)"),
+]
+
+
+def run_main(workdir, *overrides):
+  env = dict(os.environ, XLA_FLAGS="")  # one CPU device, like the README's demo
+  proc = subprocess.run(
+      [sys.executable, "-m", "pmsn_jax.main", "--config=configs/demo.py:smoke",
+       f"--workdir={workdir}", *overrides],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_smoke_trains_evaluates_exports_and_resumes(tmp_path):
+  workdir = tmp_path / "smoke"
+  first = run_main(workdir)
+
+  train_rows = [r for r in read_metrics(workdir) if "loss" in r]
+  assert [r["step"] for r in train_rows] == [4, 8, 12]
+  assert train_rows[-1]["loss"] < train_rows[0]["loss"]
+  assert all(np.isfinite(r["loss"]) for r in train_rows)
+  assert "step 12/12" in first.stdout and "k-NN top-1" in first.stdout
+
+  with open(workdir / "eval.json") as f:
+    result = json.load(f)
+  for key in ("knn_top1", "knn_lt_top1", "linear_top1", "random_init_knn_top1",
+              "random_init_knn_lt_top1", "per_class_top1", "groups", "step"):
+    assert key in result, key
+  assert result["step"] == 12 and len(result["per_class_top1"]) == 10
+  assert set(result["groups"]) == {"many", "medium", "few"}
+  assert 0.1 < result["knn_top1"] <= 1.0  # far above chance (10%) even after 12 steps
+  with open(workdir / "config.json") as f:
+    assert json.load(f)["model"]["variant"] == "mu/7"
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "6"]
+  assert any(n.startswith("events") for n in os.listdir(workdir / "tensorboard"))
+
+  features = load_encoder(str(workdir / "export"))(np.zeros((2, 28, 28, 1), np.uint8))
+  assert features.shape == (2, 128)
+
+  # Same command with a longer horizon: resumes from step 12, does not restart.
+  second = run_main(workdir, "--config.total_steps=16")
+  assert "step 16/16" in second.stdout and "step 4/" not in second.stdout
+  steps = [r["step"] for r in read_metrics(workdir) if "loss" in r]
+  assert steps == [4, 8, 12, 16]
+  assert "16" in os.listdir(workdir / "checkpoints")
