@@ -55,6 +55,8 @@ def _unknown_key_hint(argv) -> str | None:
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax/TF INFO chatter; --verbosity=0 brings it back
   from pmsn_jax import train  # heavy imports after flag parsing
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -12,7 +12,6 @@ import os
 
 import jax
 import numpy as np
-from absl import logging
 from flax import nnx
 
 from pmsn_jax import checkpoint, metrics, sharding, step, validation
@@ -37,6 +36,12 @@ def load_data(config):
   return train, test, rows
 
 
+def say(message: str) -> None:
+  """Progress messages for the user, from process 0 only (absl INFO is left to libraries)."""
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
 def save_config(config, workdir: str) -> None:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -51,14 +56,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # ----------------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.batch_size, mesh)
-  logging.info("mesh %s over %d processes", dict(mesh.shape), jax.process_count())
+  say(f"mesh {dict(mesh.shape)} over {jax.process_count()} process(es), "
+      f"{jax.device_count()} {jax.default_backend()} device(s)")
 
   # ----------------------------------------------------------------------- data
   train_split, test_split, pretrain_rows = load_data(config)
-  pretrain = sources.LabelledImages(train_split.images[pretrain_rows],
-                                    train_split.labels[pretrain_rows], train_split.num_classes)
-  logging.info("pretraining on %d images, class counts %s", len(pretrain.labels),
-               pretrain.class_counts())
+  pretrain = train_split.subset(pretrain_rows)
+  say(f"pretraining on {len(pretrain.labels)} images of {config.data.source}, class counts "
+      f"{pretrain.class_counts().tolist()}")
 
   # ------------------------------------------------------------ model/optimizer
   vit_cfg = vit.vit_config_from(config.model, config.data.image_size, config.data.channels)
@@ -76,7 +81,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if latest is None:
     state = jax.jit(create_state, out_shardings=state_shardings)()
   else:
-    logging.info("resuming from %s/checkpoints/%d", workdir, latest)
+    say(f"resuming from {workdir}/checkpoints/{latest}")
     state = ckpt.restore(latest, checkpoint.abstract_with_shardings(abstract_state,
                                                                     state_shardings))
   start_step = int(jax.device_get(state.step))
@@ -99,63 +104,63 @@ def train_and_evaluate(config, workdir: str) -> dict:
                              test_split.labels, pretrain_rows, train_split.num_classes
                              ).capped(config.eval.max_train_examples, config.eval.max_test_examples)
 
-  for current in range(start_step + 1, config.total_steps + 1):
-    batch = next(batches)
-    batch = sharding.to_global({k: batch[k] for k in ("target", "anchor", "focal")}, mesh)
-    state, step_metrics = train_step(state, batch)
+  try:
+    for current in range(start_step + 1, config.total_steps + 1):
+      batch = next(batches)
+      batch = sharding.to_global({k: batch[k] for k in ("target", "anchor", "focal")}, mesh)
+      state, step_metrics = train_step(state, batch)
 
-    if current % config.log_every_steps == 0 or current == config.total_steps:
-      # The only host sync of the loop: metrics are fetched at log steps only.
-      scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-      bad = [k for k, v in scalars.items() if not math.isfinite(v)]
-      if bad:
-        raise FloatingPointError(
-            f"non-finite {bad} at step {current}; the last good checkpoint is "
-            f"{ckpt.latest_step()} (not overwritten). Lower optim.lr or check the data.")
-      scalars.update(progress.update(current))
-      writer.write(current, scalars)
-      if jax.process_index() == 0:
-        print(metrics.format_line(current, config.total_steps, scalars), flush=True)
+      if current % config.log_every_steps == 0 or current == config.total_steps:
+        # The only host sync of the loop: metrics are fetched at log steps only.
+        scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        bad = [k for k, v in scalars.items() if not math.isfinite(v)]
+        if bad:
+          raise FloatingPointError(
+              f"non-finite {bad} at step {current}; the last good checkpoint is "
+              f"{ckpt.latest_step()} (not overwritten). Lower optim.lr or check the data.")
+        scalars.update(progress.update(current))
+        writer.write(current, scalars)
+        say(metrics.format_line(current, config.total_steps, scalars))
 
-    if current % config.checkpoint_every_steps == 0 or current == config.total_steps:
-      ckpt.save(current, state)
+      if current % config.checkpoint_every_steps == 0 or current == config.total_steps:
+        ckpt.save(current, state)
 
-    if config.eval_every_steps and current % config.eval_every_steps == 0 \
-        and current != config.total_steps and config.eval.enabled:
-      result = suite.evaluate(_target_encoder(graphdef, state), None, eval_data, config, mesh,
-                              linear_probe=False)
-      writer.write(current, {f"eval/{k}": v for k, v in result.items()
-                             if isinstance(v, float)})
-  ckpt.close()
+      if (config.eval.enabled and config.eval_every_steps and current < config.total_steps
+          and current % config.eval_every_steps == 0):
+        result = suite.evaluate(target_encoder(graphdef, state), None, eval_data, config, mesh,
+                                linear_probe=False)
+        writer.write(current, suite.scalars(result))
+  finally:
+    ckpt.close()  # never leave with an async save in flight
 
   # -------------------------------------------------------------------- export
-  target_encoder_state = nnx.state(nnx.merge(graphdef, state.params, state.target,
-                                             state.batch_stats).target.encoder)
-  checkpoint.export_encoder(os.path.join(workdir, "export"), target_encoder_state, vit_cfg,
+  encode = target_encoder(graphdef, state)
+  checkpoint.export_encoder(os.path.join(workdir, "export"), encode.args[0], vit_cfg,
                             config.data.mean, config.data.std)
 
   # ---------------------------------------------------------------- evaluation
-  if not config.eval.enabled:
-    writer.close()
-    return {}
-  random_state = jax.jit(create_state, out_shardings=state_shardings)()
-  random_encode = _target_encoder(graphdef, random_state)
-  result = suite.evaluate(_target_encoder(graphdef, state), random_encode, eval_data, config,
-                          mesh)
-  result["step"] = config.total_steps
-  writer.write(config.total_steps, {f"eval/{k}": v for k, v in result.items()
-                                    if isinstance(v, float)})
+  result = {}
+  if config.eval.enabled:
+    # The reference encoder is this run's own initialisation (same config, same seed).
+    initial_state = jax.jit(create_state, out_shardings=state_shardings)()
+    result = suite.evaluate(encode, target_encoder(graphdef, initial_state), eval_data,
+                            config, mesh)
+    result["step"] = config.total_steps
+    writer.write(config.total_steps, suite.scalars(result))
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "eval.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    say(suite.format_table(result))
   writer.close()
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-      json.dump(result, f, indent=2)
-    print(suite.format_table(result), flush=True)
   return result
 
 
-def _target_encoder(graphdef, state: step.TrainState):
-  """images -> CLS features of the EMA target encoder in `state` (parameters passed as
-  arguments, not baked into the compiled program as constants)."""
+def target_encoder(graphdef, state: step.TrainState) -> functools.partial:
+  """images -> CLS features of the EMA target encoder in `state`.
+
+  A partial over a jitted function: the encoder parameters (`.args[0]`) are an argument, not
+  constants baked into the compiled program.
+  """
   model = nnx.merge(graphdef, state.params, state.target, state.batch_stats)
   encoder_graph, encoder_state = nnx.split(model.target.encoder)
   encode = jax.jit(lambda params, images: nnx.merge(encoder_graph, params)(images))

@@ -84,6 +84,11 @@ def evaluate(encode: Callable, random_encode: Callable | None, data: EvalData, c
   return result
 
 
+def scalars(result: dict) -> dict[str, float]:
+  """The scalar entries of an evaluation result, as "eval/<name>" metrics."""
+  return {f"eval/{k}": v for k, v in result.items() if isinstance(v, float)}
+
+
 def format_table(result: dict) -> str:
   rows = [("k-NN top-1 (balanced train bank)", "knn_top1", "random_init_knn_top1"),
           ("k-NN top-1 (long-tailed bank)", "knn_lt_top1", "random_init_knn_lt_top1"),
