@@ -123,3 +123,11 @@ def test_bad_value_from_the_command_line_is_one_line(tmp_path):
   assert proc.returncode == 2
   assert proc.stderr.strip().startswith("error: config.loss.kl_direction='sideways'")
   assert "Traceback" not in proc.stderr
+
+
+def test_missing_data_says_how_to_get_it(tmp_path):
+  proc = run_main("--config=configs/demo.py:smoke", f"--workdir={tmp_path}",
+                  "--config.data.source=idx:/nonexistent/fmnist")
+  assert proc.returncode == 2
+  assert "/nonexistent/fmnist" in proc.stderr and "apt-get install" in proc.stderr
+  assert "Traceback" not in proc.stderr
