@@ -43,10 +43,9 @@ def _unknown_key_hint(argv) -> str | None:
     match = re.match(r"--config\.([\w.]+)=", arg)
     if not match:
       continue
-    key, node = match.group(1), config
+    key = match.group(1)
     try:
-      for part in key.split("."):
-        node = node[part]
+      validation.lookup(config, key)
     except (KeyError, TypeError, AttributeError):
       guess = validation.closest_key(config, key)
       return f"unknown config key {key!r}" + (f"; did you mean {guess!r}?" if guess else ".")

@@ -21,13 +21,14 @@ def _require(ok: bool, key: str, value, need: str) -> None:
 
 
 def _positive_int(config, key: str, allow_zero=False) -> None:
-  value = _get(config, key)
+  value = lookup(config, key)
   ok = isinstance(value, int) and not isinstance(value, bool) and (
       value >= 0 if allow_zero else value > 0)
   _require(ok, key, value, "expected an integer " + (">= 0" if allow_zero else "> 0"))
 
 
-def _get(config, dotted: str):
+def lookup(config, dotted: str):
+  """config["a.b.c"] for nested ConfigDicts; KeyError/AttributeError if a part is missing."""
   node = config
   for part in dotted.split("."):
     node = node[part]
@@ -35,13 +36,13 @@ def _get(config, dotted: str):
 
 
 def _range_pair(config, key: str, low: float, high: float) -> None:
-  value = _get(config, key)
+  value = lookup(config, key)
   ok = len(value) == 2 and low <= value[0] <= value[1] <= high
   _require(ok, key, value, f"expected (min, max) with {low} <= min <= max <= {high}")
 
 
 def _probability(config, key: str) -> None:
-  value = _get(config, key)
+  value = lookup(config, key)
   _require(0.0 <= value <= 1.0, key, value, "expected a probability in [0, 1]")
 
 

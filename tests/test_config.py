@@ -33,9 +33,7 @@ def test_the_required_configs_exist():
 def test_config_builds_validates_and_its_train_state_has_shapes(name, arg):
   config = load(name, arg)
   for key in REQUIRED:
-    node = config
-    for part in key.split("."):
-      node = node[part]
+    validation.lookup(config, key)
   validation.validate(config)
   vit_cfg = vit.vit_config_from(config.model, config.data.image_size, config.data.channels)
   _, _, _, create_state = step.build(config, vit_cfg)
@@ -81,11 +79,8 @@ def test_official_recipes_match_method_md():
 ])
 def test_bad_values_fail_with_the_key_named(key, value, match):
   config = load("demo")
-  node = config
-  *parents, leaf = key.split(".")
-  for part in parents:
-    node = node[part]
-  node[leaf] = value
+  parent, _, leaf = key.rpartition(".")
+  (validation.lookup(config, parent) if parent else config)[leaf] = value
   with pytest.raises(ValueError, match=match.replace(".", r"\.")):
     validation.validate(config)
 
