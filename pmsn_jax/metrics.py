@@ -61,4 +61,6 @@ def format_line(step: int, total: int, scalars: dict[str, float]) -> str:
   return (f"step {step}/{total}  loss {scalars.get('loss', math.nan):.4f}  "
           f"ce {scalars.get('ce', math.nan):.4f}  reg {scalars.get('reg', math.nan):.4f}  "
           f"protos {scalars.get('prototypes_in_use', math.nan):.0f}  "
-          f"{scalars.get('img_per_s', math.nan):.1f} img/s  ETA {eta_txt}")
+          f"{scalars.get('img_per_s', math.nan):.1f} img/s  ETA {eta_txt}"
+          + (f"  skipped {scalars['skipped_images']:.0f} unreadable images"
+             if scalars.get("skipped_images") else ""))

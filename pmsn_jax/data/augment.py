@@ -70,27 +70,90 @@ def make_views_batch(images, seeds, cfg) -> dict[str, tf.Tensor]:
     raise ValueError(f"images must be uint8 [N,H,W,C] with a known C, got {images.dtype} "
                      f"{images.shape}")
   num_focal = int(field(cfg, "num_focal"))
-  size, focal_size = int(field(cfg, "image_size")), int(field(cfg, "focal_size"))
+  focal_size = int(field(cfg, "focal_size"))
 
-  def draw(seed):
-    group_seeds = tf.random.experimental.stateless_split(seed, 2)
-    return (tf.random.stateless_uniform([2, _K], group_seeds[0]),
-            tf.random.stateless_uniform([num_focal, _K], group_seeds[1]))
-
-  u_pair, u_focal = tf.map_fn(draw, seeds, fn_output_signature=(
+  u_pair, u_focal = tf.map_fn(lambda seed: _draw(seed, num_focal), seeds, fn_output_signature=(
       tf.TensorSpec([2, _K]), tf.TensorSpec([num_focal, _K])))
-  groups = [(u_pair, size, field(cfg, "target_scale"))]
-  if num_focal:
-    groups.append((u_focal, focal_size, field(cfg, "focal_scale")))
+  height, width = tf.shape(images)[1], tf.shape(images)[2]
+  groups = _view_groups(u_pair, u_focal, cfg)
+  views = []
+  for u, ratio, kernel, side, scale in groups:
+    windows = _crop_windows(u, ratio, height, width, scale)
+    boxes = _boxes_in(windows, (0, 0), (height, width), height, width, side)
+    views.append(_augment_group(images, boxes, u, kernel, side, cfg))
+  return _views_dict(views, tf.shape(images)[0], focal_size, images.shape[-1])
+
+
+def make_views_encoded(encoded, seed, cfg, channels: int) -> dict[str, tf.Tensor]:
+  """Encoded image bytes (JPEG, PNG, GIF, BMP) + seed [2] -> make_views' views.
+
+  Fused decode and crop: all views' crop windows are drawn from the image's size first
+  (read from the JPEG header without decoding), then only the rectangle covering them is
+  decoded (tf.io.decode_and_crop_jpeg skips the rest). The views equal make_views of the fully
+  decoded image, up to JPEG decoder rounding at the rectangle's edge. Other formats are decoded
+  whole. A corrupt file raises an InvalidArgumentError (the pipeline skips and counts it).
+  """
+  encoded = tf.convert_to_tensor(encoded, tf.string)
+  seed = tf.cast(tf.reshape(seed, [2]), tf.int64)
+  num_focal = int(field(cfg, "num_focal"))
+  u_pair, u_focal = _draw(seed, num_focal)
+  groups = _view_groups(u_pair[None], u_focal[None], cfg)
+
+  def windows_for(height, width):
+    return [_crop_windows(u, ratio, height, width, scale) for u, ratio, _, _, scale in groups]
+
+  def jpeg():
+    shape = tf.io.extract_jpeg_shape(encoded)
+    height, width = shape[0], shape[1]
+    top, left, bottom, right = _covering_rectangle(windows_for(height, width), height, width)
+    region = tf.io.decode_and_crop_jpeg(
+        encoded, tf.stack([top, left, bottom - top, right - left]), channels=channels)
+    return region, tf.stack([top, left]), tf.stack([height, width])
+
+  def other():
+    image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
+    shape = tf.shape(image)
+    return image, tf.zeros([2], tf.int32), shape[:2]
+
+  region, origin, image_hw = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
+  region = tf.ensure_shape(region, [None, None, channels])
+  height, width = image_hw[0], image_hw[1]
+  region_hw = tf.shape(region)[:2]
+  views = []
+  for (u, _, kernel, side, _), windows in zip(groups, windows_for(height, width)):
+    boxes = _boxes_in(windows, (origin[0], origin[1]), (region_hw[0], region_hw[1]), height,
+                      width, side)
+    views.append(_augment_group(region[None], boxes, u, kernel, side, cfg))
+  views = _views_dict(views, 1, int(field(cfg, "focal_size")), channels)
+  return {k: v[0] for k, v in views.items()}
+
+
+def _draw(seed, num_focal: int):
+  """An example's uniforms: [2,_K] for target + anchor, [num_focal,_K] for the focal views."""
+  group_seeds = tf.random.experimental.stateless_split(seed, 2)
+  return (tf.random.stateless_uniform([2, _K], group_seeds[0]),
+          tf.random.stateless_uniform([num_focal, _K], group_seeds[1]))
+
+
+def _view_groups(u_pair, u_focal, cfg):
+  """[(u, crop aspect ratios, blur kernel, side, scale)] for target+anchor and focal views."""
+  groups = [(u_pair, int(field(cfg, "image_size")), field(cfg, "target_scale"))]
+  if u_focal.shape[1]:
+    groups.append((u_focal, int(field(cfg, "focal_size")), field(cfg, "focal_scale")))
   exp_args = [_exp_args(u, side, cfg) for u, side, _ in groups]
   exps = _exp_per_example([t for pair in exp_args for t in pair])
-  views = [_augment_group(images, u, exps[2 * i], exps[2 * i + 1], side, scale, cfg)
-           for i, (u, side, scale) in enumerate(groups)]
+  return [(_flat(u), _flat(exps[2 * i]), _flat(exps[2 * i + 1]), side, scale)
+          for i, (u, side, scale) in enumerate(groups)]
+
+
+def _flat(t):
+  """[N,V,k] -> [N*V,k]: one row per view."""
+  return tf.reshape(t, [-1, t.shape[-1]])
+
+
+def _views_dict(views, n, focal_size: int, channels: int) -> dict[str, tf.Tensor]:
   pair = views[0]
-  if num_focal:
-    focal = views[1]
-  else:
-    focal = tf.zeros([tf.shape(images)[0], 0, focal_size, focal_size, images.shape[-1]])
+  focal = views[1] if len(views) > 1 else tf.zeros([n, 0, focal_size, focal_size, channels])
   return dict(target=pair[:, 0], anchor=pair[:, 1], focal=focal)
 
 
@@ -140,18 +203,15 @@ def _exp_per_example(tensors: list[tf.Tensor]) -> list[tf.Tensor]:
   return [tf.reshape(part, tf.shape(t)) for part, t in zip(tf.split(flat, sizes, 1), tensors)]
 
 
-def _augment_group(images, u, ratio, kernel, size: int, scale, cfg) -> tf.Tensor:
-  """Views of side `size` for every image -> float32 [N,V,size,size,C].
+def _augment_group(images, boxes, u, kernel, size: int, cfg) -> tf.Tensor:
+  """Views of side `size`, V per image -> float32 [N,V,size,size,C].
 
-  u [N,V,_K] uniforms, ratio [N,V,_ATTEMPTS] crop aspect ratios, kernel [N,V,k] unnormalised
-  blur weights.
+  images uint8 [N,H,W,C]; per view (rows ordered image-major): boxes [N*V,4] (crop_and_resize
+  coordinates), u [N*V,_K] uniforms, kernel [N*V,k] unnormalised blur weights.
   """
-  n, v, channels = tf.shape(u)[0], tf.shape(u)[1], images.shape[-1]
-  u, ratio, kernel = (tf.reshape(t, [n * v, t.shape[-1]]) for t in (u, ratio, kernel))
+  n, channels = tf.shape(images)[0], images.shape[-1]
   kernel /= tf.reduce_sum(kernel, axis=1, keepdims=True)
-  height, width = tf.shape(images)[1], tf.shape(images)[2]
-  boxes = _crop_boxes(u, ratio, height, width, scale, size)
-  owner = tf.repeat(tf.range(n), v)
+  owner = tf.repeat(tf.range(n), tf.shape(u)[0] // n)
   x = tf.image.crop_and_resize(images, boxes, owner, [size, size]) / 255.0
   if field(cfg, "flip"):
     x = tf.where(_coin(u, "flip", 0.5), tf.reverse(x, axis=[2]), x)
@@ -161,7 +221,7 @@ def _augment_group(images, u, ratio, kernel, size: int, scale, cfg) -> tf.Tensor
     x = tf.where(_coin(u, "gray", field(cfg, "grayscale_prob")), gray, x)
   x = _blur(x, u, kernel, field(cfg, "blur_prob"))
   x = _normalise(x, cfg)
-  return tf.reshape(x, [n, v, size, size, channels])
+  return tf.reshape(x, [n, -1, size, size, channels])
 
 
 def _col(u, name):
@@ -173,14 +233,11 @@ def _coin(u, name, prob) -> tf.Tensor:
   return tf.reshape(_col(u, name) < prob, [-1, 1, 1, 1])
 
 
-def _crop_boxes(u, ratio, height, width, scale, size: int) -> tf.Tensor:
-  """RandomResizedCrop boxes [M,4] in crop_and_resize's normalised coordinates.
+def _crop_windows(u, ratio, height, width, scale):
+  """RandomResizedCrop windows (top, left, height, width) in pixels, each [M] float32.
 
   Sampled as torchvision does (area ~ U(scale) * H * W, log aspect ~ U(log 3/4, log 4/3), first
-  of _ATTEMPTS that fits, else a centre crop), but with real-valued boxes. A crop smaller than
-  `size` is upsampled, so images smaller than the output (a 5x7 input) work. Resampling is
-  bilinear without antialiasing: right for MNIST-size images; large photos should be resized
-  near the output scale when decoded.
+  of _ATTEMPTS that fits, else a centre crop), but real-valued. u [M,_K], ratio [M,_ATTEMPTS].
   """
   h_img, w_img = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
   attempts = slice(_COL["area"], _COL["area"] + _ATTEMPTS)
@@ -195,18 +252,45 @@ def _crop_boxes(u, ratio, height, width, scale, size: int) -> tf.Tensor:
   h = tf.where(found, h, tf.minimum(h_img, w_img / _RATIO[0]))
   y0 = tf.where(found, _col(u, "crop_y"), 0.5) * (h_img - h)
   x0 = tf.where(found, _col(u, "crop_x"), 0.5) * (w_img - w)
+  return y0, x0, h, w
 
-  def span(start, length, extent):
+
+def _covering_rectangle(group_windows, height, width):
+  """Integer (top, left, bottom, right) of the pixels any window samples, a 1-pixel margin
+  included for bilinear interpolation, clipped to the image."""
+  y0 = tf.concat([w[0] for w in group_windows], 0)
+  x0 = tf.concat([w[1] for w in group_windows], 0)
+  y1 = tf.concat([w[0] + w[2] for w in group_windows], 0)
+  x1 = tf.concat([w[1] + w[3] for w in group_windows], 0)
+  top = tf.maximum(tf.cast(tf.floor(tf.reduce_min(y0)), tf.int32) - 1, 0)
+  left = tf.maximum(tf.cast(tf.floor(tf.reduce_min(x0)), tf.int32) - 1, 0)
+  bottom = tf.minimum(tf.cast(tf.math.ceil(tf.reduce_max(y1)), tf.int32) + 1, height)
+  right = tf.minimum(tf.cast(tf.math.ceil(tf.reduce_max(x1)), tf.int32) + 1, width)
+  return top, left, bottom, right
+
+
+def _boxes_in(windows, origin, region_hw, height, width, size: int) -> tf.Tensor:
+  """crop_and_resize boxes [M,4] of pixel `windows` on an image of (height, width) of which
+  the region at `origin` with extent `region_hw` is decoded (the whole image: origin 0).
+
+  A crop smaller than `size` is upsampled, so images smaller than the output (a 5x7 input)
+  work. Resampling is bilinear without antialiasing (torchvision's PIL path antialiases when
+  it downsamples; at MNIST sizes there is nothing to alias).
+  """
+  y0, x0, h, w = windows
+
+  def span(start, length, extent, offset, region):
     # Output pixel j samples pixel-centre coordinate start + (j + 0.5) * length / size - 0.5
     # (half-pixel centres, as tf.image.resize); clamped so nothing is extrapolated.
+    extent, offset, region = (tf.cast(t, tf.float32) for t in (extent, offset, region))
     first_c = start + 0.5 * length / size - 0.5
     last_c = start + (size - 0.5) * length / size - 0.5
-    denom = tf.maximum(extent - 1.0, 1.0)
-    return (tf.clip_by_value(first_c, 0.0, extent - 1.0) / denom,
-            tf.clip_by_value(last_c, 0.0, extent - 1.0) / denom)
+    denom = tf.maximum(region - 1.0, 1.0)
+    return ((tf.clip_by_value(first_c, 0.0, extent - 1.0) - offset) / denom,
+            (tf.clip_by_value(last_c, 0.0, extent - 1.0) - offset) / denom)
 
-  y1, y2 = span(y0, h, h_img)
-  x1, x2 = span(x0, w, w_img)
+  y1, y2 = span(y0, h, height, origin[0], region_hw[0])
+  x1, x2 = span(x0, w, width, origin[1], region_hw[1])
   return tf.stack([y1, x1, y2, x2], axis=1)
 
 

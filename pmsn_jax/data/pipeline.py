@@ -23,47 +23,201 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow as tf
 
-from pmsn_jax.data import augment
-from pmsn_jax.data.sources import LabelledImages
+from pmsn_jax.data import augment, imbalanced
+from pmsn_jax.data.catalog import ImageFiles
+from pmsn_jax.data.sources import LabelledImages, TfdsImages
 
 _PREFETCH = 2  # Batches; a fixed depth, not AUTOTUNE, which can balloon host memory.
+_SPARES = 3  # Substitutes tried for an unreadable image file.
+_DECODE_PARALLELISM = 16  # Image files decoded at once per process.
+_SHUFFLE_BUFFER = 10_000  # Encoded records (~100 kB each for iNat) per process.
 
 
-def train_batches(data: LabelledImages, cfg, *, global_batch_size: int, seed: int,
+def train_batches(data: LabelledImages | ImageFiles | TfdsImages, cfg, *, global_batch_size: int, seed: int,
                   start_step: int = 0, process_index: int = 0,
-                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                  process_count: int = 1,
+                  batch_class_skew: float = 0.0) -> Iterator[dict[str, np.ndarray]]:
   """This process's slice of every global batch from `start_step` on, forever.
 
+  `data` is in memory (LabelledImages), a catalog of image files (ImageFiles) or a streamed
+  TFDS split (TfdsImages; see _tfds_views for its resume semantics).
   Yields dicts of numpy arrays with b = global_batch_size // process_count rows:
   target/anchor float32 [b,S,S,C], focal float32 [b,F,s,s,C], label int32 [b] (diagnostics
-  only), index int64 [b] (row of `data`). `cfg` holds the view fields of augment.make_views.
+  only), index int64 [b] (row of `data`), skipped int32 [b] (unreadable files replaced).
+  `cfg` holds the view fields of augment.make_views (and `channels` for image files).
   """
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of "
                      f"process_count {process_count}")
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-  if start_step < 0 or len(data) == 0:
+  if start_step < 0 or (len(data) == 0 and not isinstance(data, TfdsImages)):
     raise ValueError(f"need start_step >= 0 and a non-empty dataset, got {start_step}, "
                      f"{len(data)} rows")
   _hide_gpus_from_tf()
   local = global_batch_size // process_count
+  if isinstance(data, TfdsImages):
+    if batch_class_skew > 0:
+      raise ValueError("data.batch_class_skew needs every label up front: use a catalog source "
+                       "(inat_json:, folder:) or an in-memory one, not a streamed tfds: split")
+    ds = _tfds_views(data, cfg, seed, start_step * local, process_index, process_count)
+    return _numpy_iterator(ds.batch(local, drop_remainder=True).prefetch(_PREFETCH))
   first = start_step * global_batch_size + process_index * local
-  images, labels = tf.constant(data.images), tf.constant(data.labels)
-
-  @tf.autograph.experimental.do_not_convert  # Plain graph code: skip autograph's slow trace.
-  def augment_batch(position, row):
-    views = augment.make_views_batch(
-        tf.gather(images, row), example_seeds(seed, position), cfg)
-    return dict(views, label=tf.gather(labels, row), index=row)
-
-  ds = _row_stream(len(data), seed, first)
+  ds = _row_stream(data, seed, first, batch_class_skew)
   ds = ds.batch(local, drop_remainder=True)
   # After `first`, this process's blocks of b positions are every process_count-th one.
   ds = ds.shard(process_count, 0) if process_count > 1 else ds
-  ds = ds.map(augment_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.prefetch(_PREFETCH)
-  return _numpy_iterator(ds)
+  if isinstance(data, ImageFiles):
+    ds = _file_views(ds.unbatch(), data, cfg, seed).batch(local, drop_remainder=True)
+  else:
+    ds = _array_views(ds, data, cfg, seed)
+  return _numpy_iterator(ds.prefetch(_PREFETCH))
+
+
+def _array_views(blocks: tf.data.Dataset, data: LabelledImages, cfg, seed: int):
+  """In-memory images: whole blocks of (position, row) are augmented in one batched op."""
+  images, labels = tf.constant(data.images), tf.constant(data.labels)
+
+  @tf.autograph.experimental.do_not_convert  # Plain graph code: skip autograph's slow trace.
+  def augment_block(position, row):
+    views = augment.make_views_batch(
+        tf.gather(images, row), example_seeds(seed, position), cfg)
+    return dict(views, label=tf.gather(labels, row), index=row,
+                skipped=tf.zeros_like(row, tf.int32))
+
+  return blocks.map(augment_block, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _file_views(pairs: tf.data.Dataset, data: ImageFiles, cfg, seed: int):
+  """Image files: each (position, row) is read and decoded on its own (sizes differ).
+
+  A file that cannot be read or decoded is replaced by the first readable of _SPARES rows
+  drawn from (seed, position), and `skipped` counts the failures. The substitute depends on
+  the position only, so a batch stays a pure function of (seed, step) whatever the process
+  count, and a resumed run replays an uninterrupted one exactly. If all spares fail too, the
+  example is dropped and the process's later batches shift by one (logged as skipped).
+  """
+  paths, labels = tf.constant(data.paths), tf.constant(data.labels)
+  channels, num_rows = int(augment.field(cfg, "channels")), len(data)
+
+  @tf.autograph.experimental.do_not_convert
+  def attempt(position, tries, row):
+    views = augment.make_views_encoded(tf.io.read_file(paths[row]),
+                                       example_seeds(seed, position[None])[0], cfg, channels)
+    return dict(views, label=labels[row], index=row, skipped=tries)
+
+  @tf.autograph.experimental.do_not_convert
+  def first_readable(position, row):
+    key = tf.random.experimental.stateless_fold_in(tf.constant([seed, -3], tf.int64), position)
+    spares = tf.random.stateless_uniform([_SPARES], key, 0, num_rows, tf.int64)
+    rows = tf.concat([row[None], spares], 0)
+    tries = tf.range(_SPARES + 1, dtype=tf.int32)
+    ds = tf.data.Dataset.from_tensor_slices((tf.fill([_SPARES + 1], position), tries, rows))
+    return ds.map(attempt).ignore_errors().take(1)
+
+  return pairs.interleave(first_readable, cycle_length=_DECODE_PARALLELISM, block_length=1,
+                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _tfds_views(data: TfdsImages, cfg, seed: int, first: int, process_index: int,
+                process_count: int):
+  """A streamed TFDS split: this process's even split, epoch after epoch, from its example
+  `first` on.
+
+  TFDS's record files allow no random access, so the order is a stream: a fixed seeded order
+  of the record files, then a buffer shuffle seeded by (seed, epoch). Resuming at step t skips
+  t * local records of the current epoch (read, never decoded) to reach the same position, so
+  a resumed run sees the examples of an uninterrupted one, at the cost of that read. Records
+  that fail to decode are dropped and counted in `skipped` (after one, a resumed run is offset
+  by the number dropped before it).
+  """
+  channels = int(augment.field(cfg, "channels"))
+  per_epoch = data.shard_size(process_count)
+  first_epoch, offset = divmod(first, per_epoch) if per_epoch else (0, first)
+  records = data.as_dataset(process_index, process_count, shuffle_seed=seed)
+
+  @tf.autograph.experimental.do_not_convert
+  def epoch_records(epoch):
+    key = tf.random.experimental.stateless_fold_in(tf.constant([seed, -4], tf.int64), epoch)
+    return records.shuffle(_SHUFFLE_BUFFER, seed=key[0], reshuffle_each_iteration=False)
+
+  @tf.autograph.experimental.do_not_convert
+  def views(index, record):
+    encoded, label = record
+    position = index * process_count + process_index  # Unique across processes.
+    out = augment.make_views_encoded(encoded, example_seeds(seed, position[None])[0], cfg,
+                                     channels)
+    return index, dict(out, label=label, index=index)
+
+  @tf.autograph.experimental.do_not_convert
+  def count_gaps(previous, element):
+    index, example = element
+    return index, dict(example, skipped=tf.cast(index - previous - 1, tf.int32))
+
+  ds = tf.data.Dataset.counter(first_epoch).flat_map(epoch_records).skip(offset)
+  ds = ds.enumerate(first)
+  ds = ds.map(views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
+  return ds.scan(tf.constant(first - 1, tf.int64), count_gaps)
+
+
+def decode_for_eval(data, cfg, max_examples: int = 0,
+                    max_bytes: int = 8 << 30) -> tuple[LabelledImages, np.ndarray]:
+  """The first `max_examples` (0 = all) images of a file catalog or streamed TFDS split,
+  decoded to uint8 squares in memory for the evaluators: shorter side resized (antialiased)
+  to image_size / eval_crop_fraction, centre-cropped (eval_preprocess then takes the centre
+  eval_crop_fraction, MSN's resize-256/crop-224 protocol). In-memory data is returned as is.
+
+  Returns the images and the rows of `data` they are (unreadable images are dropped; a
+  warning says how many). More than `max_bytes` of pixels is refused with the fix (cap the
+  split), rather than exhausting host memory.
+  """
+  if isinstance(data, LabelledImages):
+    rows = np.arange(min(max_examples or len(data), len(data)))
+    return data.subset(rows), rows
+  channels = int(augment.field(cfg, "channels"))
+  side = int(round(int(augment.field(cfg, "image_size")) / augment.field(cfg,
+                                                                        "eval_crop_fraction")))
+  count = min(max_examples or len(data), len(data)) if len(data) else max_examples
+  if count * side * side * channels > max_bytes:
+    raise ValueError(f"evaluating on {count} images of {side}x{side} needs "
+                     f"{count * side * side * channels / 2**30:.1f} GiB of host memory; set "
+                     f"--config.eval.max_train_examples / max_test_examples to fewer images")
+  _hide_gpus_from_tf()
+  if isinstance(data, ImageFiles):
+    ds = tf.data.Dataset.from_tensor_slices((data.paths, data.labels))
+    if count:
+      ds = ds.take(count)
+    ds = ds.map(lambda path, label: (tf.io.read_file(path), label))
+  else:
+    ds = data.as_dataset()
+    if count:
+      ds = ds.take(count)
+
+  @tf.autograph.experimental.do_not_convert
+  def square(row, record):
+    encoded, label = record
+    image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
+    hw = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = side / tf.reduce_min(hw)
+    new_hw = tf.maximum(tf.cast(tf.math.ceil(hw * scale), tf.int32), side)
+    image = tf.image.resize(image, new_hw, antialias=True)
+    top, left = (new_hw[0] - side) // 2, (new_hw[1] - side) // 2
+    image = image[top:top + side, left:left + side]
+    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8), label, row
+
+  ds = ds.enumerate().map(square, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  images, labels, rows = [], [], []
+  for x, y, r in _numpy_iterator(ds.ignore_errors().batch(256)):
+    images.append(x)
+    labels.append(y)
+    rows.append(r)
+  if not images:
+    raise ValueError(f"no readable images among the first {count} of {data!r:.200}")
+  images, labels = np.concatenate(images), np.concatenate(labels).astype(np.int32)
+  if count and len(labels) < count:
+    logging.warning("evaluation: %d of %d images could not be decoded and were left out",
+                    count - len(labels), count)
+  return LabelledImages(images, labels, data.num_classes), np.concatenate(rows)
 
 
 def eval_batches(images: np.ndarray, cfg, batch_size: int) -> Iterator[np.ndarray]:
@@ -95,14 +249,26 @@ def epoch_permutation(num_rows: int, seed: int, epoch) -> tf.Tensor:
   return tf.random.experimental.stateless_shuffle(tf.range(num_rows, dtype=tf.int64), key)
 
 
-def _row_stream(num_rows: int, seed: int, first: int) -> tf.data.Dataset:
-  """(position, row) int64 pairs for global positions first, first+1, ... forever."""
+def _row_stream(data, seed: int, first: int, batch_class_skew: float) -> tf.data.Dataset:
+  """(position, row) int64 pairs for global positions first, first+1, ... forever.
+
+  With batch_class_skew > 0 each epoch's order is imbalanced.skewed_epoch_permutation: a few
+  classes dominate each batch while the epoch still visits every row once.
+  """
+  num_rows = len(data)
   first_epoch, offset = divmod(first, num_rows)
+  labels = tf.constant(data.labels)
+
+  def permutation(epoch):
+    if batch_class_skew > 0:
+      return imbalanced.skewed_epoch_permutation(labels, data.num_classes, seed, epoch,
+                                                 batch_class_skew)
+    return epoch_permutation(num_rows, seed, epoch)
 
   @tf.autograph.experimental.do_not_convert
   def epoch_rows(epoch):
     start = tf.where(epoch == first_epoch, tf.constant(offset, tf.int64), 0)
-    rows = epoch_permutation(num_rows, seed, epoch)[start:]
+    rows = permutation(epoch)[start:]
     positions = epoch * num_rows + tf.range(start, num_rows, dtype=tf.int64)
     return tf.data.Dataset.from_tensor_slices((positions, rows))
 

@@ -1,16 +1,23 @@
-"""Where images come from: small labelled image sets held fully in memory as numpy.
+"""Where images come from: one `load_source(source, split)` for every source string.
 
-Why this module exists: the training pipeline (pipeline.py) makes each batch a pure function of
-(seed, step), which needs random access to every example. For MNIST-sized data the simplest random
-access source is a pair of in-memory arrays, so every source here returns a `LabelledImages`.
+Why three kinds of result: the training pipeline makes each batch a pure function of
+(seed, step), which needs random access to every example where that is affordable:
+  * `LabelledImages`: small fixed-size datasets held in memory as uint8 arrays (Fashion-MNIST,
+    CIFAR...), augmented a whole batch at a time;
+  * `catalog.ImageFiles`: image files on disk or a bucket, as (path, label) rows, each read
+    and decoded (only the crop's window, for JPEGs) when its turn comes;
+  * `TfdsImages`: TFDS splits of variable-size images (iNaturalist 2018, ImageNet...), which
+    TFDS stores as sequential record files: streamed, each process reading its own even split.
 
-Sources (the `--config.data.source` string):
-  * ``idx:<dir>`` reads the MNIST IDX files ``<dir>/{train,t10k}-{images-idx3,labels-idx1}-ubyte``
-    (``.gz`` or plain). ``idx:`` alone searches $PMSN_FASHION_MNIST_DIR, then the Debian
-    package's /usr/share/datasets/fashion-mnist. This works offline.
-  * ``tfds:<name>[:<split>]`` loads a TFDS dataset fully into memory. Only for
-    small datasets (mnist, fashion_mnist, cifar10...): large long-tailed sets such as
-    iNaturalist 2018 need a streaming, file-sharded source that comes later.
+Source strings (`--config.data.source`):
+  * ``idx:<dir>``: MNIST IDX files ``<dir>/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``;
+    ``idx:`` alone searches $PMSN_FASHION_MNIST_DIR, then Debian's
+    /usr/share/datasets/fashion-mnist. Works offline.
+  * ``tfds:<name>[:<split>]``: any TFDS dataset with ``image`` and ``label`` features, read from
+    ``data_dir`` (a local folder or gs:// bucket). Fixed-size images up to _IN_MEMORY_BYTES are
+    loaded into memory; anything else is streamed.
+  * ``inat_json:<root>``: the original iNaturalist 2018 release (catalog.read_inat_json).
+  * ``folder:<root>``: ``<root>[/<split>]/<class>/*.jpg|png|...`` (catalog.read_folder).
 """
 from __future__ import annotations
 
@@ -20,6 +27,8 @@ import os
 
 import numpy as np
 
+from pmsn_jax.data import catalog
+
 ENV_DIR = "PMSN_FASHION_MNIST_DIR"
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 HOW_TO_GET = (
@@ -27,6 +36,8 @@ HOW_TO_GET = (
     "the IDX files, or use --config.data.source=tfds:fashion_mnist where the network allows"
 )
 _IDX_PREFIX = {"train": "train", "test": "t10k"}
+_IN_MEMORY_BYTES = 2 << 30  # Larger TFDS splits, or variable-size images, are streamed.
+SOURCE_FORMS = ("idx:<dir>", "tfds:<name>[:<split>]", "inat_json:<root>", "folder:<root>")
 # IDX type byte -> numpy dtype (multi-byte types are big-endian).
 _IDX_DTYPES = {
     0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"),
@@ -86,19 +97,69 @@ def read_idx(path: str) -> np.ndarray:
   return data.astype(dtype.newbyteorder("="))
 
 
-def load_source(source: str, split: str, *, data_dir: str | None = None,
-                download: bool = True) -> LabelledImages:
-  """Loads `split` ("train" or "test") of `source` ("idx:<dir>" or "tfds:<name>[:<split>]").
+@dataclasses.dataclass(frozen=True)
+class TfdsImages:
+  """A TFDS split streamed with its images still encoded (decoded by the pipeline's views).
 
-  `data_dir` and `download` are passed to tfds.load (ignored for idx sources).
+  num_examples, num_classes come from the dataset's metadata, so building one reads no data.
   """
+
+  name: str
+  split: str
+  data_dir: str | None
+  num_examples: int
+  num_classes: int
+
+  def __len__(self) -> int:
+    return self.num_examples
+
+  def as_dataset(self, process_index: int = 0, process_count: int = 1, *,
+                 shuffle_seed: int | None = None):
+    """(image bytes, label) of this process's even split, in a fixed order unless
+    shuffle_seed (shuffles the order of the record files, deterministically)."""
+    import tensorflow_datasets as tfds
+
+    split = self.split
+    if process_count > 1:  # Row-level slices: each process reads only its rows' records.
+      split = tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]
+    builder = tfds.builder(self.name, data_dir=self.data_dir, try_gcs=False)
+    read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed)
+    ds = builder.as_dataset(split=split, shuffle_files=shuffle_seed is not None,
+                            read_config=read_config,
+                            decoders={"image": tfds.decode.SkipDecoding()})
+    return ds.map(lambda ex: (ex["image"], tf_cast_int32(ex["label"])))
+
+  def shard_size(self, process_count: int) -> int:
+    return self.num_examples // process_count if process_count > 1 else self.num_examples
+
+  def class_counts(self) -> np.ndarray:
+    """Examples per class from one pass over the labels (images are not decoded)."""
+    counts = np.zeros([self.num_classes], np.int64)
+    for labels in self.as_dataset().map(lambda _, y: y).batch(4096).as_numpy_iterator():
+      counts += np.bincount(labels, minlength=self.num_classes)
+    return counts
+
+
+def tf_cast_int32(x):
+  import tensorflow as tf
+  return tf.cast(x, tf.int32)
+
+
+def load_source(source: str, split: str, *, data_dir: str | None = None,
+                download: bool = False):
+  """Loads `split` of `source` (see the module docstring) -> LabelledImages, ImageFiles or
+  TfdsImages. `data_dir` and `download` are for TFDS sources only."""
   scheme, sep, rest = source.partition(":")
   if scheme == "idx" and sep:
     return _load_idx(rest, split)
   if scheme == "tfds" and sep and rest:
     return _load_tfds(rest, split, data_dir=data_dir, download=download)
-  raise ValueError(f"unknown data source {source!r}: use 'idx:<dir>' (or 'idx:' for the default "
-                   f"Fashion-MNIST search path) or 'tfds:<name>[:<split>]'")
+  if scheme == "inat_json" and rest:
+    return catalog.read_inat_json(rest, split)
+  if scheme == "folder" and rest:
+    return catalog.read_folder(rest, split)
+  raise ValueError(f"unknown data source {source!r}: use one of {', '.join(SOURCE_FORMS)} "
+                   f"('idx:' alone finds the demo's Fashion-MNIST)")
 
 
 def _find_idx_dir(directory: str) -> str:
@@ -140,21 +201,44 @@ def _load_idx(directory: str, split: str) -> LabelledImages:
   return LabelledImages(images[..., None], labels, num_classes)
 
 
-def _load_tfds(spec: str, split: str, *, data_dir: str | None, download: bool) -> LabelledImages:
+def _load_tfds(spec: str, split: str, *, data_dir: str | None, download: bool):
   import tensorflow_datasets as tfds  # Heavy import, only for this source.
 
   name, _, tfds_split = spec.partition(":")
+  split = tfds_split or split
   try:
-    ds, info = tfds.load(name, split=tfds_split or split, as_supervised=True, with_info=True,
-                         try_gcs=False, download=download, data_dir=data_dir)
-  except Exception as e:  # Offline/missing data: keep the original error, add the way out.
+    builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
+    if download:
+      builder.download_and_prepare()
+    info = builder.info
+  except Exception as e:  # Unknown name, unreadable data_dir...: keep the error, add the way out.
     e.add_note(f"loading tfds:{spec} failed; offline, use idx: with {HOW_TO_GET}")
     raise
+  features = info.features
+  if "image" not in features or "label" not in features:
+    raise ValueError(f"tfds:{name} has features {sorted(features)}; pmsn_jax needs 'image' and "
+                     f"'label'")
+  num_classes = int(features["label"].num_classes)
+  shape = tuple(features["image"].shape)
+  splits = info.splits
+  num_examples = splits[split].num_examples if split in splits else 0
+  if None in shape or num_examples * int(np.prod(shape)) > _IN_MEMORY_BYTES:
+    if not num_examples and not _has_mock_data(builder):
+      raise FileNotFoundError(
+          f"tfds:{name} split {split!r} is not prepared under "
+          f"{data_dir or tfds.core.constants.DATA_DIR}: prepare it first (docs/data.md), or "
+          f"set --config.data.data_dir to where it is")
+    return TfdsImages(name, split, data_dir, num_examples, num_classes)
+  ds = builder.as_dataset(split=split, as_supervised=True)
   # Batched reads rather than batch_size=-1, which needs a known split size (mocks lack it).
   chunks = list(ds.batch(4096).as_numpy_iterator())
   images = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros([0, 1, 1, 1])
   labels = np.concatenate([c[1] for c in chunks]) if chunks else np.zeros([0])
   if images.ndim == 3:
     images = images[..., None]
-  return LabelledImages(np.asarray(images, np.uint8), np.asarray(labels, np.int32),
-                        int(info.features["label"].num_classes))
+  return LabelledImages(np.asarray(images, np.uint8), np.asarray(labels, np.int32), num_classes)
+
+
+def _has_mock_data(builder) -> bool:
+  """Under tfds.testing.mock_data a builder has no prepared splits yet reads fine."""
+  return type(builder).as_dataset.__module__.startswith("tensorflow_datasets.testing")

@@ -1,0 +1,172 @@
+"""Encoded-image sources through the whole training pipeline: a synthetic iNat-format tree
+(random JPEGs, never real iNat images), TFDS's i_naturalist2018 mock, corrupt files, the fused
+JPEG decode, the skewed sampler and `pmsn_jax.data.inspect`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from configs import common
+from pmsn_jax.data import augment, catalog, imbalanced, pipeline, sources
+from tests import inat_fixture
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COUNTS = [9, 5, 3, 2, 1, 0]  # long-tailed, one empty class
+
+
+def small_views(num_focal=2):
+  cfg = common.get_base_config().data
+  cfg.image_size, cfg.focal_size, cfg.num_focal, cfg.channels = 32, 16, num_focal, 3
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+  root = tmp_path_factory.mktemp("inat")
+  expected = inat_fixture.make_inat_tree(root, COUNTS, corrupt=[("train", 4)], sizes=(5, 49))
+  return str(root), expected
+
+
+def take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def test_inat_tree_through_the_pipeline(tree):
+  root, expected = tree
+  data = sources.load_source(f"inat_json:{root}", "train")
+  assert np.array_equal(data.labels, expected["train"]["labels"])
+  cfg = small_views()
+  batches = take(pipeline.train_batches(data, cfg, global_batch_size=4, seed=3), 5)
+  for b in batches:
+    assert b["target"].shape == (4, 32, 32, 3) and b["anchor"].shape == (4, 32, 32, 3)
+    assert b["focal"].shape == (4, 2, 16, 16, 3)
+    assert b["target"].dtype == np.float32 and np.all(np.isfinite(b["focal"]))
+    # Normalised pixels: (x - mean) / std with x in [0, 1].
+    lo = (0 - np.array(cfg.mean)) / np.array(cfg.std)
+    hi = (1 - np.array(cfg.mean)) / np.array(cfg.std)
+    assert np.all(b["target"] >= lo - 1e-5) and np.all(b["target"] <= hi + 1e-5)
+    assert np.array_equal(b["label"], data.labels[b["index"]])
+  # 20 positions = one epoch of 20 rows: the corrupt row was replaced and counted, once.
+  skipped = sum(int(b["skipped"].sum()) for b in batches)
+  bad_row = int(np.flatnonzero(data.paths == expected["train"]["corrupt"][0])[0])
+  seen = np.concatenate([b["index"] for b in batches])
+  assert skipped == 1 and bad_row not in seen
+
+
+def test_file_pipeline_resumes_and_slices_exactly(tree):
+  root, _ = tree
+  data = sources.load_source(f"inat_json:{root}", "train")
+  cfg = small_views(num_focal=1)
+  straight = take(pipeline.train_batches(data, cfg, global_batch_size=4, seed=0), 6)
+  resumed = take(pipeline.train_batches(data, cfg, global_batch_size=4, seed=0, start_step=4), 2)
+  for a, b in zip(straight[4:], resumed):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  halves = [next(pipeline.train_batches(data, cfg, global_batch_size=4, seed=0, start_step=1,
+                                        process_index=p, process_count=2)) for p in range(2)]
+  for key in straight[1]:
+    np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), straight[1][key])
+
+
+def test_fused_jpeg_decode_matches_full_decode():
+  rng = np.random.default_rng(0)
+  smooth = tf.image.resize(rng.uniform(0, 255, (1, 12, 9, 3)), [240, 170]).numpy()[0]
+  encoded = tf.io.encode_jpeg(smooth.astype(np.uint8), quality=95)
+  full = tf.io.decode_jpeg(encoded, channels=3)
+  cfg = small_views(num_focal=4)
+  for seed in range(4):
+    fused = augment.make_views_encoded(encoded, [seed, 1], cfg, 3)
+    reference = augment.make_views(full, tf.constant([seed, 1], tf.int64), cfg)
+    for key in ("target", "anchor", "focal"):
+      np.testing.assert_allclose(fused[key], reference[key], atol=1e-4)
+
+
+def test_tiny_and_grayscale_images_are_handled():
+  cfg = small_views()
+  for shape in [(5, 7, 1), (49, 6, 3), (1, 1, 3)]:
+    image = np.random.default_rng(1).integers(0, 255, shape, np.uint8)
+    for encoded in (tf.io.encode_jpeg(image), tf.io.encode_png(image)):
+      views = augment.make_views_encoded(encoded, [0, 0], cfg, 3)
+      assert views["target"].shape == (32, 32, 3) and views["focal"].shape == (2, 16, 16, 3)
+
+
+def test_tfds_inaturalist_mock_through_the_pipeline():
+  cfg = small_views()
+  with tfds.testing.mock_data(num_examples=12):
+    data = sources.load_source("tfds:i_naturalist2018", "train")
+    assert isinstance(data, sources.TfdsImages) and data.num_classes == 8142
+    batches = take(pipeline.train_batches(data, cfg, global_batch_size=4, seed=0), 4)
+    resumed = next(pipeline.train_batches(data, cfg, global_batch_size=4, seed=0, start_step=2))
+    evaluation, rows = pipeline.decode_for_eval(data, cfg, max_examples=5)
+  for b in batches:
+    assert b["target"].shape == (4, 32, 32, 3) and b["focal"].shape == (4, 2, 16, 16, 3)
+    assert b["label"].dtype == np.int32 and np.all((0 <= b["label"]) & (b["label"] < 8142))
+    assert np.all(b["skipped"] == 0)
+  for key in resumed:
+    np.testing.assert_array_equal(resumed[key], batches[2][key])
+  side = round(32 / cfg.eval_crop_fraction)
+  assert evaluation.images.shape == (5, side, side, 3) and list(rows) == [0, 1, 2, 3, 4]
+
+
+def test_decode_for_eval_drops_and_reports_corrupt_rows(tree):
+  root, expected = tree
+  data = sources.load_source(f"inat_json:{root}", "train")
+  images, rows = pipeline.decode_for_eval(data, small_views())
+  bad_row = int(np.flatnonzero(data.paths == expected["train"]["corrupt"][0])[0])
+  assert len(rows) == len(data) - 1 and bad_row not in rows
+  assert np.array_equal(images.labels, data.labels[rows])
+  with pytest.raises(ValueError, match="max_train_examples"):
+    pipeline.decode_for_eval(data, small_views(), max_bytes=1000)
+
+
+def test_skewed_batches_keep_the_epoch_balanced():
+  labels = np.repeat(np.arange(4), 16).astype(np.int32)
+  data = sources.LabelledImages(np.zeros([64, 8, 8, 1], np.uint8), labels, 4)
+  cfg = common.get_base_config().data
+  cfg.image_size, cfg.focal_size, cfg.num_focal = 8, 4, 0
+  cfg.mean, cfg.std = (0.5,), (0.5,)
+  seen = {}
+  for skew in (0.0, 1.0):
+    it = pipeline.train_batches(data, cfg, global_batch_size=16, seed=0, batch_class_skew=skew)
+    seen[skew] = np.concatenate([b["label"] for b in take(it, 4)])  # one epoch
+    assert np.array_equal(np.bincount(seen[skew], minlength=4), [16] * 4)
+  assert imbalanced.batch_class_skew(seen[1.0], 16) > 0.9
+  assert imbalanced.batch_class_skew(seen[0.0], 16) < 0.6
+
+
+def run_inspect(*args):
+  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
+  return subprocess.run([sys.executable, "-m", "pmsn_jax.data.inspect", *args], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_inspect_prints_exact_counts_and_corrupt_images(tree):
+  root, expected = tree
+  done = run_inspect(f"--source=inat_json:{root}")
+  assert done.returncode == 0, done.stderr
+  result = json.loads(done.stdout.strip().splitlines()[-1])
+  assert result["num_examples"] == sum(COUNTS) and result["num_classes"] == len(COUNTS)
+  assert result["class_counts"] == {str(c): n for c, n in enumerate(COUNTS)}
+  assert result["empty_classes"] == 1 and result["skipped_corrupt"] == 1
+  val = json.loads(run_inspect(f"--source=inat_json:{root}", "--split=val",
+                               "--nocheck_images").stdout.strip().splitlines()[-1])
+  assert val["num_examples"] == 5 and val["skipped_corrupt"] is None
+
+
+@pytest.mark.parametrize("source", ["inat_json:/no/such/dir", "folder:/no/such/dir", "ftp:x"])
+def test_inspect_bad_source_is_one_line(source):
+  done = run_inspect(f"--source={source}")
+  assert done.returncode == 2 and done.stdout == ""
+  assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("error: ")
+
+
+def test_shard_rows_cover_disjointly():
+  for hosts in (1, 2, 3):
+    shards = [catalog.shard_rows(20, p, hosts) for p in range(hosts)]
+    assert sorted(np.concatenate(shards).tolist()) == list(range(20))
