@@ -5,6 +5,8 @@ Every key scripts and launchers rely on is defined here, so every config has it.
 
 import ml_collections
 
+from pmsn_jax import sharding
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -18,7 +20,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.eval_every_steps = 0         # 0: evaluate only at the end of training
-  c.mesh = (("data", -1),)       # (axis name, size); -1 takes the remaining devices
+  # (axis name, size); -1 takes the remaining devices. data: replicate parameters; fsdp: shard
+  # big parameters and optimizer state too; tensor: Megatron-split the ViT blocks (sharding.py).
+  c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
+  # (regex on the leaf path, spec) pairs, first match wins; "fsdp" = largest divisible dim
+  # of leaves with >= fsdp_min_size elements over the fsdp axis. Axes of size 1 are ignored.
+  c.partition_rules = sharding.DEFAULT_RULES
+  c.fsdp_min_size = 2 ** 14
 
   c.model = ml_collections.ConfigDict()
   c.model.variant = "S/16"       # <size>/<patch>: size in mu, Ti, S, B, L, H
@@ -31,7 +39,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.mask_ratio = 0.15      # patch drop on the masked anchor view
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "tfds:imagenet2012"
+  c.data.source = "tfds:imagenet2012"  # tfds:<name>[:<split>] | inat_json:<root> | folder:<root> | idx:<dir>
+  c.data.data_dir = ""           # TFDS data_dir (local or gs://); "" = TFDS's default
   c.data.train_split = "train"
   c.data.test_split = "validation"
   c.data.channels = 3
@@ -46,13 +55,18 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.grayscale_prob = 0.2
   c.data.blur_prob = 0.5
   c.data.blur_sigma = (0.1, 2.0)
+  c.data.eval_crop_fraction = 0.875   # evaluation: centre crop 224 of the image resized to 256
   c.data.mean = IMAGENET_MEAN
   c.data.std = IMAGENET_STD
   # Long-tailed subsampling of the pretraining split: n_c = floor(max_per_class * IR^(-c/(C-1))).
   # imbalance_ratio = 1 keeps the split as it is.
   c.data.imbalance_ratio = 1.0
   c.data.max_per_class = 0
+  c.data.imbalance_profile = "exponential"  # exponential | power_law (sampling.py)
   c.data.subsample_seed = 0
+  # 0: random batches. In (0, 1]: each batch dominated by a few classes while every epoch
+  # stays balanced (the paper's imbalanced mini-batch study; imbalanced.py).
+  c.data.batch_class_skew = 0.0
 
   c.loss = ml_collections.ConfigDict()
   c.loss.prior = "power_law"     # power_law | uniform | custom

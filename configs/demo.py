@@ -44,6 +44,7 @@ def get_config(arg=None):
   c.data.target_scale = (0.3, 1.0)
   c.data.focal_scale = (0.05, 0.3)
   c.data.blur_prob = 0.2
+  c.data.eval_crop_fraction = 1.0   # 28x28 images: evaluate on the whole image
   c.data.mean, c.data.std = FMNIST_MEAN, FMNIST_STD
   c.data.imbalance_ratio = 100.0
   c.data.max_per_class = 6000

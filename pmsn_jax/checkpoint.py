@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from pmsn_jax.models import vit
 
@@ -69,7 +70,9 @@ def export_encoder(directory: str, encoder_state: nnx.State, vit_cfg: vit.ViTCon
                    mean, std) -> None:
   """Writes the encoder parameters (Orbax) and the config that rebuilds it."""
   directory = os.path.abspath(directory)
-  params = jax.tree.map(np.asarray, encoder_state.to_pure_dict())
+  # Whole arrays on every process, whatever their sharding (FSDP shards span hosts).
+  params = jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True),
+                        encoder_state.to_pure_dict())
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(os.path.join(directory, "params"), params, force=True)
   if jax.process_index() == 0:

@@ -1,19 +1,44 @@
-"""Device mesh from config, array shardings, and host-local batch -> global array.
+"""Device mesh from config, partition rules for the train state, host batch -> global array.
 
-The foundation shards the batch over the "data" axis and replicates parameters; the mesh
-already has every axis the config names so FSDP/tensor rules can slot in without touching the
-train loop.
+Mesh axes (config.mesh, e.g. (("data", -1), ("fsdp", 1), ("tensor", 1))):
+  * data: pure data parallelism; the batch is split, parameters are replicated;
+  * fsdp: the batch is split too, and large parameters (with their Adam moments and EMA twins)
+    are sharded along one dimension (ZeRO-3 / FSDP): XLA all-gathers them where used;
+  * tensor: Megatron-style tensor parallelism of the ViT blocks: qkv/fc1 column-split, proj/fc2
+    row-split over this axis; the batch is replicated over it.
+An axis of size 1, or one the mesh lacks, is simply ignored by every rule, so one rule set
+serves all three layouts.
+
+Partition rules (config.partition_rules): (regex, spec) pairs, first match wins, searched in
+the leaf's path ("params/online/encoder/blocks/qkv/kernel/value"; optimizer moments and the EMA
+target carry the same suffix, so they follow their parameter). A spec is a tuple with one entry
+per dimension (a mesh axis name, a tuple of names, or None), or the string "fsdp": shard the
+largest dimension divisible by the fsdp axis size, if the leaf has at least
+`fsdp_min_size` elements (never dim 0 of stacked blocks: that is the scan axis), else replicate.
 """
 
 from __future__ import annotations
 
 import math
+import re
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+TENSOR_AXIS = "tensor"
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # the batch is split over both; replicated over tensor
+
+# Megatron-style ViT blocks + FSDP for everything else big. Stacked block kernels are
+# [layers, in, out]: column-parallel layers split `out` over tensor, row-parallel ones `in`.
+DEFAULT_RULES = (
+    (r"blocks/(qkv|fc1)/kernel", (None, FSDP_AXIS, TENSOR_AXIS)),
+    (r"blocks/(proj|fc2)/kernel", (None, TENSOR_AXIS, FSDP_AXIS)),
+    (r"blocks/(qkv|fc1)/bias", (None, TENSOR_AXIS)),
+    (r".*", "fsdp"),
+)
 
 
 def make_mesh(mesh_config, devices=None) -> Mesh:
@@ -46,21 +71,93 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dimension split over the data axis, the rest replicated."""
-  return NamedSharding(mesh, P(DATA_AXIS))
+  """Leading (batch) dimension split over the data and fsdp axes, the rest replicated."""
+  return NamedSharding(mesh, P(_present(mesh, BATCH_AXES)))
 
 
-def state_shardings(abstract_state, mesh: Mesh):
-  """Per-leaf shardings of the train state. Parameters are replicated for now."""
-  return jax.tree.map(lambda _: replicated(mesh), abstract_state)
+def batch_shards(mesh: Mesh) -> int:
+  return math.prod(mesh.shape.get(axis, 1) for axis in BATCH_AXES)
+
+
+def path_string(path) -> str:
+  """A pytree key path as "a/b/0/c"."""
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return "/".join(parts)
+
+
+def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, rules=DEFAULT_RULES,
+             fsdp_min_size: int = 2 ** 14) -> P:
+  """The PartitionSpec of one leaf: the first rule whose regex is found in `path`."""
+  for pattern, spec in rules:
+    if re.search(pattern, path):
+      break
+  else:
+    return P()
+  if spec == "fsdp":
+    return _auto_fsdp(path, shape, mesh, fsdp_min_size)
+  spec = tuple(spec)
+  if len(spec) > len(shape):
+    raise ValueError(f"partition rule {pattern!r} gives {len(spec)} dims to {path} of shape "
+                     f"{shape}; fix config.partition_rules")
+  dims = []
+  for size, axes in zip(shape, spec + (None,) * (len(shape) - len(spec))):
+    axes = _present(mesh, (axes,) if isinstance(axes, str) else axes or ())
+    names = (axes,) if isinstance(axes, str) else axes or ()
+    shards = math.prod(mesh.shape[a] for a in names)
+    if size % shards:
+      raise ValueError(f"{path} dim of size {size} cannot be split over {axes} ({shards} "
+                       f"devices); change config.mesh or config.partition_rules")
+    dims.append(axes)
+  return P(*dims)
+
+
+def _auto_fsdp(path: str, shape, mesh: Mesh, min_size: int) -> P:
+  n = mesh.shape.get(FSDP_AXIS, 1)
+  if n == 1 or math.prod(shape) < min_size:
+    return P()
+  first = 1 if "blocks/" in path else 0  # dim 0 of stacked blocks is the scan axis
+  candidates = [d for d in range(first, len(shape)) if shape[d] % n == 0]
+  if not candidates:
+    return P()
+  best = max(candidates, key=lambda d: shape[d])
+  return P(*[FSDP_AXIS if d == best else None for d in range(len(shape))])
+
+
+def _present(mesh: Mesh, axes):
+  """The axes of `axes` the mesh has with size > 1: None, one name, or a tuple of names."""
+  kept = tuple(a for a in axes if a is not None and mesh.shape.get(a, 1) > 1)
+  if not kept:
+    return None
+  return kept[0] if len(kept) == 1 else kept
+
+
+def state_shardings(abstract_state, mesh: Mesh, rules=DEFAULT_RULES,
+                    fsdp_min_size: int = 2 ** 14):
+  """Per-leaf NamedShardings of a (train) state pytree, from the partition rules."""
+  def leaf(path, x):
+    shape = tuple(getattr(x, "shape", ()))
+    return NamedSharding(mesh, spec_for(path_string(path), shape, mesh, rules, fsdp_min_size))
+  return jax.tree_util.tree_map_with_path(leaf, abstract_state)
 
 
 def check_batch_size(global_batch: int, mesh: Mesh) -> None:
-  data = mesh.shape[DATA_AXIS]
-  if global_batch % data or global_batch % jax.process_count():
-    raise ValueError(f"batch_size={global_batch} must be divisible by the data axis ({data}) and "
-                     f"the process count ({jax.process_count()}); pick a multiple of "
-                     f"{math.lcm(data, jax.process_count())}.")
+  """Fails before compiling if the batch cannot be split over the mesh and the hosts."""
+  shards, hosts = batch_shards(mesh), jax.process_count()
+  if shards < hosts:
+    raise ValueError(f"config.mesh {dict(mesh.shape)} splits the batch {shards} ways, fewer "
+                     f"than the {hosts} processes: each process must feed its own slice, so "
+                     f"give data x fsdp at least {hosts} devices")
+  if global_batch % shards or global_batch % hosts:
+    raise ValueError(f"batch_size={global_batch} must be divisible by data x fsdp ({shards}) "
+                     f"and the process count ({hosts}); pick a multiple of "
+                     f"{math.lcm(shards, hosts)}.")
 
 
 def to_global(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -20,20 +20,55 @@ from pmsn_jax.evals import suite
 from pmsn_jax.models import vit
 
 
-def load_data(config):
-  """-> (balanced train split, test split, rows of the train split used for pretraining)."""
+def load_pretraining_data(config):
+  """-> (the train split, rows of it used for pretraining)."""
   d = config.data
-  train = sources.load_source(d.source, d.train_split)
-  test = sources.load_source(d.source, d.test_split)
-  if train.images.shape[-1] != d.channels:
+  train = sources.load_source(d.source, d.train_split, data_dir=d.data_dir or None)
+  if isinstance(train, sources.LabelledImages) and train.images.shape[-1] != d.channels:
     raise ValueError(f"config.data.channels={d.channels} but {d.source} has "
                      f"{train.images.shape[-1]} channels; set --config.data.channels="
                      f"{train.images.shape[-1]} (and data.mean/std to match).")
-  rows = np.arange(len(train.labels))
+  rows = np.arange(len(train))
   if d.imbalance_ratio > 1:
-    counts = sampling.long_tail_counts(d.max_per_class, train.num_classes, d.imbalance_ratio)
+    if isinstance(train, sources.TfdsImages):
+      raise ValueError(f"data.imbalance_ratio needs every label up front, which a streamed "
+                       f"{d.source} split does not give: use inat_json: or folder: sources")
+    counts = sampling.long_tail_counts(d.max_per_class, train.num_classes, d.imbalance_ratio,
+                                       d.imbalance_profile)
+    available = train.class_counts()
+    short = [c for c, n in enumerate(counts) if n > available[c]]
+    if short:
+      raise ValueError(f"data.max_per_class={d.max_per_class} with data.imbalance_ratio="
+                       f"{d.imbalance_ratio} asks class {short[0]} for {counts[short[0]]} "
+                       f"images, it has {available[short[0]]}: lower data.max_per_class (or "
+                       f"set data.imbalance_ratio=1 to keep the split as it is)")
     rows = sampling.subsample_to_counts(train.labels, counts, d.subsample_seed)
-  return train, test, rows
+  return train, rows
+
+
+def load_eval_data(config, train, pretrain_rows) -> suite.EvalData:
+  """The evaluators' images in memory: the (capped) train split, with the pretraining rows
+  among them marked, and the (capped) test split."""
+  d, e = config.data, config.eval
+  test = sources.load_source(d.source, d.test_split, data_dir=d.data_dir or None)
+  train_images, train_rows = pipeline.decode_for_eval(train, d, e.max_train_examples)
+  test_images, _ = pipeline.decode_for_eval(test, d, e.max_test_examples)
+  pretrain_positions = np.flatnonzero(np.isin(train_rows, pretrain_rows))
+  return suite.EvalData(train_images.images, train_images.labels, test_images.images,
+                        test_images.labels, pretrain_positions, train.num_classes)
+
+
+def describe(data, rows) -> str:
+  """The class histogram of the pretraining data, and its empty classes, in one line."""
+  if isinstance(data, sources.TfdsImages):
+    return (f"{len(data) or 'all'} images of tfds:{data.name}:{data.split} (class counts: "
+            f"python -m pmsn_jax.data.inspect --source=tfds:{data.name})")
+  counts = np.bincount(data.labels[rows], minlength=data.num_classes)
+  shown = counts.tolist() if len(counts) <= 20 else (
+      f"{counts.max()} max, {np.median(counts):.0f} median, {counts.min()} min")
+  empty = int((counts == 0).sum())
+  return (f"{len(rows)} images in {data.num_classes} classes, class counts {shown}"
+          + (f"; {empty} classes have no images" if empty else ""))
 
 
 def say(message: str) -> None:
@@ -60,10 +95,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
       f"{jax.device_count()} {jax.default_backend()} device(s)")
 
   # ----------------------------------------------------------------------- data
-  train_split, test_split, pretrain_rows = load_data(config)
-  pretrain = train_split.subset(pretrain_rows)
-  say(f"pretraining on {len(pretrain.labels)} images of {config.data.source}, class counts "
-      f"{pretrain.class_counts().tolist()}")
+  train_split, pretrain_rows = load_pretraining_data(config)
+  pretrain = (train_split if isinstance(train_split, sources.TfdsImages)
+              else train_split.subset(pretrain_rows))
+  say(f"pretraining data ({config.data.source}): {describe(train_split, pretrain_rows)}")
+  eval_data = load_eval_data(config, train_split, pretrain_rows) if config.eval.enabled else None
 
   # ------------------------------------------------------------ model/optimizer
   vit_cfg = vit.vit_config_from(config.model, config.data.image_size, config.data.channels)
@@ -71,7 +107,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   abstract_state = jax.eval_shape(create_state)
 
   # ----------------------------------------------------------------- shardings
-  state_shardings = sharding.state_shardings(abstract_state, mesh)
+  state_shardings = sharding.state_shardings(abstract_state, mesh, config.partition_rules,
+                                             config.fsdp_min_size)
   batch_sharding = sharding.batch_sharding(mesh)
 
   # ---------------------------------------------------------- init or restore
@@ -86,27 +123,29 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                                                     state_shardings))
   start_step = int(jax.device_get(state.step))
 
-  # --------------------------------------------------------------- jitted step
+  # ------------------------------------------------ the step, compiled once, up front
   train_step = jax.jit(
       step.make_train_step(graphdef, tx, scheds, step.prior_from_config(config), config),
       in_shardings=(state_shardings, batch_sharding),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
-      donate_argnums=0)
+      donate_argnums=0).lower(
+          checkpoint.abstract_with_shardings(abstract_state, state_shardings),
+          abstract_batch(config, batch_sharding)).compile()
+  say(compiled_summary(train_step))
 
   # ---------------------------------------------------------------------- loop
   batches = pipeline.train_batches(
       pretrain, config.data, global_batch_size=config.batch_size, seed=config.seed,
       start_step=start_step, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count(), batch_class_skew=config.data.batch_class_skew)
   writer = metrics.MetricWriter(workdir)
   progress = metrics.Progress(start_step, config.total_steps, config.batch_size)
-  eval_data = suite.EvalData(train_split.images, train_split.labels, test_split.images,
-                             test_split.labels, pretrain_rows, train_split.num_classes
-                             ).capped(config.eval.max_train_examples, config.eval.max_test_examples)
+  skipped_images = 0  # unreadable images replaced by the pipeline (this process, this run)
 
   try:
     for current in range(start_step + 1, config.total_steps + 1):
       batch = next(batches)
+      skipped_images += int(batch["skipped"].sum())
       batch = sharding.to_global({k: batch[k] for k in ("target", "anchor", "focal")}, mesh)
       state, step_metrics = train_step(state, batch)
 
@@ -118,7 +157,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
           raise FloatingPointError(
               f"non-finite {bad} at step {current}; the last good checkpoint is "
               f"{ckpt.latest_step()} (not overwritten). Lower optim.lr or check the data.")
-        scalars.update(progress.update(current))
+        scalars.update(progress.update(current), skipped_images=skipped_images)
         writer.write(current, scalars)
         say(metrics.format_line(current, config.total_steps, scalars))
 
@@ -153,6 +192,33 @@ def train_and_evaluate(config, workdir: str) -> dict:
     say(suite.format_table(result))
   writer.close()
   return result
+
+
+def abstract_batch(config, batch_sharding) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes of the global batch the pipeline yields (what the step is compiled for)."""
+  d, b = config.data, config.batch_size
+  view = lambda *shape: jax.ShapeDtypeStruct((b, *shape), np.float32,  # noqa: E731
+                                             sharding=batch_sharding)
+  return {"target": view(d.image_size, d.image_size, d.channels),
+          "anchor": view(d.image_size, d.image_size, d.channels),
+          "focal": view(d.num_focal, d.focal_size, d.focal_size, d.channels)}
+
+
+def compiled_summary(compiled) -> str:
+  """Per-device memory and FLOPs of a compiled step, as XLA reports them."""
+  parts = []
+  memory = compiled.memory_analysis()
+  if memory is not None:
+    gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+    parts.append(f"per device: arguments {gib(memory.argument_size_in_bytes)}, temporaries "
+                 f"{gib(memory.temp_size_in_bytes)}, outputs {gib(memory.output_size_in_bytes)}"
+                 f" (aliased {gib(memory.alias_size_in_bytes)})")
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  if cost and "flops" in cost:
+    parts.append(f"{cost['flops'] / 1e9:.1f} GFLOP per step per device as XLA counts them "
+                 f"(a scanned block counted once; benchmarks/train_step.py counts all)")
+  return "compiled train step: " + "; ".join(parts or ["no analysis from this backend"])
 
 
 def target_encoder(graphdef, state: step.TrainState) -> functools.partial:

@@ -7,9 +7,12 @@ ml_collections; main.py turns that into a one-line error with the closest valid 
 from __future__ import annotations
 
 import difflib
+import re
 
+from pmsn_jax.data import sampling, sources
 from pmsn_jax.models import vit
 
+SOURCE_SCHEMES = tuple(form.split(":")[0] for form in sources.SOURCE_FORMS)
 PRIORS = ("power_law", "uniform", "custom")
 MARGINALS = ("prior", "uniform")
 KL_DIRECTIONS = ("mean_to_prior", "prior_to_mean")
@@ -25,6 +28,25 @@ def _positive_int(config, key: str, allow_zero=False) -> None:
   ok = isinstance(value, int) and not isinstance(value, bool) and (
       value >= 0 if allow_zero else value > 0)
   _require(ok, key, value, "expected an integer " + (">= 0" if allow_zero else "> 0"))
+
+
+def _partition_rules(config) -> None:
+  axes = {name for name, _ in config.mesh}
+  _positive_int(config, "fsdp_min_size", allow_zero=True)
+  for rule in config.partition_rules:
+    ok = len(rule) == 2 and isinstance(rule[0], str)
+    if ok:
+      try:
+        re.compile(rule[0])
+      except re.error:
+        ok = False
+    spec = rule[1] if ok else None
+    if ok and spec != "fsdp":
+      names = [a for entry in spec for a in ((entry,) if isinstance(entry, str) or entry is None
+                                              else entry)]
+      ok = all(a is None or a in axes for a in names)
+    _require(ok, "partition_rules", rule, f"expected (regex, spec) with spec 'fsdp' or a tuple "
+             f"of mesh axes {sorted(axes)} / None per dimension")
 
 
 def lookup(config, dotted: str):
@@ -77,6 +99,8 @@ def validate(config) -> None:
   _require(0.0 <= m.mask_ratio < 1.0, "model.mask_ratio", m.mask_ratio, "expected 0 <= r < 1")
   vit.vit_config_from(m, config.data.image_size, config.data.channels)
 
+  _partition_rules(config)
+
   d = config.data
   _require(isinstance(d.source, str) and ":" in d.source, "data.source", d.source,
            "expected '<scheme>:<location>', e.g. 'idx:' or 'tfds:fashion_mnist'")
@@ -101,6 +125,11 @@ def validate(config) -> None:
            "expected >= 1 (1 keeps the split as it is)")
   _require(d.imbalance_ratio == 1.0 or d.max_per_class > 0, "data.max_per_class",
            d.max_per_class, "expected > 0 when data.imbalance_ratio > 1")
+  _require(d.imbalance_profile in sampling.PROFILES, "data.imbalance_profile",
+           d.imbalance_profile, f"expected one of {sampling.PROFILES}")
+  _probability(config, "data.batch_class_skew")
+  _require(d.source.split(":", 1)[0] in SOURCE_SCHEMES, "data.source", d.source,
+           f"expected one of {', '.join(sources.SOURCE_FORMS)}")
 
   loss = config.loss
   _require(loss.prior in PRIORS, "loss.prior", loss.prior, f"expected one of {PRIORS}")

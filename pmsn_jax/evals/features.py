@@ -6,6 +6,7 @@ from typing import Callable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from pmsn_jax import sharding
@@ -27,5 +28,6 @@ def extract_features(encode: Callable, images: np.ndarray, data_cfg, *, batch_si
       batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]), batch.dtype)])
     global_batch = jax.make_array_from_callback(batch.shape, batch_sharding,
                                                 lambda idx, b=batch: b[idx])
-    outputs.append(np.asarray(jax.device_get(encode(global_batch)))[:n])
+    # Rows live on every process's devices: gather them all (a no-op copy on one host).
+    outputs.append(multihost_utils.process_allgather(encode(global_batch), tiled=True)[:n])
   return np.concatenate(outputs).astype(np.float32)
