@@ -3,6 +3,8 @@
 800 epochs of the 437,513 long-tailed train images at global batch 1024 (64 x 16 devices).
 Run (a pod; see launch/README.md):
   python -m pmsn_jax.main --config=configs/pmsn_vits16_inat18.py --workdir=gs://BUCKET/pmsn_s16
+Train state (params + AdamW moments + EMA, benchmarks/sharding_memory.py): 418 MiB, so pure
+data parallelism fits any accelerator.
 The arg `msn` gives the MSN baseline of the same recipe:
   python -m pmsn_jax.main --config=configs/pmsn_vits16_inat18.py:msn --workdir=gs://BUCKET/msn_s16
 """
@@ -13,7 +15,15 @@ INAT18_TRAIN = 437_513
 
 
 def get_config(arg=None):
+  return inat18_config("S/16", arg, name="pmsn_vits16_inat18")
+
+
+def inat18_config(variant: str, arg, *, name: str, mesh=(("data", -1), ("fsdp", 1),
+                                                      ("tensor", 1))):
+  """The recipe for any ViT size; `mesh` is the size's default layout (sharding.py)."""
   c = common.get_base_config()
+  c.model.variant = variant
+  c.mesh = mesh
   c.data.source = "tfds:i_naturalist2018"
   c.data.test_split = "validation"
   c.total_steps = common.epochs_to_steps(800, INAT18_TRAIN, c.batch_size)
@@ -24,5 +34,5 @@ def get_config(arg=None):
   if arg == "msn":
     common.msn(c)
   elif arg:
-    raise ValueError(f"pmsn_vits16_inat18: unknown arg {arg!r}; use nothing or 'msn'.")
+    raise ValueError(f"{name}: unknown arg {arg!r}; use nothing or 'msn'.")
   return c

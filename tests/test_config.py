@@ -15,7 +15,8 @@ from pmsn_jax.models import vit
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
                  if not p.endswith(("__init__.py", "common.py")))
-ARGS = {"demo": [None, "smoke", "msn", "smoke,msn"], "pmsn_vits16_inat18": [None, "msn"]}
+ARGS = {"demo": [None, "smoke", "msn", "smoke,msn"], "pmsn_vits16_inat18": [None, "msn"],
+        "pmsn_vitb16_inat18": [None, "msn"], "pmsn_vitl16_inat18": [None, "msn"]}
 REQUIRED = ["seed", "batch_size", "total_steps", "log_every_steps", "checkpoint_every_steps",
             "mesh", "model", "data", "loss.prior", "loss.prior_exponent", "loss.sinkhorn_iters",
             "loss.sinkhorn_marginal", "loss.kl_direction", "loss.reg_weight"]
