@@ -34,8 +34,11 @@ class Checkpointer:
   def __init__(self, directory: str, *, keep: int):
     self.manager = ocp.CheckpointManager(
         os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             enable_async_checkpointing=True))
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=True,
+            # A save killed midway leaves a temporary directory, never a step directory:
+            # it is ignored by latest_step() and deleted here on the next start.
+            cleanup_tmp_directories=True))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -54,9 +57,12 @@ class Checkpointer:
           "config it was written with.") from None
 
   def close(self) -> None:
-    """Blocks until any async save is committed: never exit with a save in flight."""
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Blocks until any async save is committed: never exit with a save in flight.
+    Safe to call more than once."""
+    if self.manager is not None:
+      self.manager.wait_until_finished()
+      self.manager.close()
+      self.manager = None
 
 
 def abstract_with_shardings(abstract_tree, shardings):

@@ -26,6 +26,9 @@ _COORDINATOR = flags.DEFINE_string(
     "SLURM / TPU slices (which JAX detects by itself).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Resume a workdir whose checkpoints came from a config with "
+    "other model/view sizes (refused by default).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -61,10 +64,14 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax/TF INFO chatter; --verbosity=0 brings it back
-  from pmsn_jax import distributed, train  # heavy imports after flag parsing
+  from pmsn_jax import distributed, preemption, train  # heavy imports after flag parsing
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                             allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  except preemption.Preempted as e:
+    print(f"stopped: {e}", file=sys.stderr)
+    sys.exit(preemption.EXIT_STATUS)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
     logging.debug("user error", exc_info=True)
     print(f"error: {e}", file=sys.stderr)

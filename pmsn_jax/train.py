@@ -18,6 +18,7 @@ from pmsn_jax import checkpoint, metrics, sharding, step, validation
 from pmsn_jax.data import pipeline, sampling, sources
 from pmsn_jax.evals import suite
 from pmsn_jax.models import vit
+from pmsn_jax.preemption import Preempted, PreemptionWatch
 
 
 def load_pretraining_data(config):
@@ -77,16 +78,61 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
+# Keys whose change makes a checkpoint unusable or silently changes what a resumed run means.
+SHAPE_KEYS = ("model", "data.image_size", "data.channels", "data.focal_size", "data.num_focal")
+
+
+def check_workdir(config, workdir: str, *, allow_config_change: bool = False) -> None:
+  """Creates `workdir` and refuses one whose checkpoints came from a config differing in
+  SHAPE_KEYS (unless allowed). Writes nothing else: save_config does, once the run is sure
+  to start."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f"--workdir={workdir} is not writable ({e.strerror}); pick a directory "
+                     f"you can write to") from None
+  changed = changed_shape_keys(config, workdir)
+  if changed and not allow_config_change:
+    raise ValueError(f"{workdir} holds checkpoints of a config that differs in {changed}; "
+                     f"use a fresh --workdir, or pass --allow_config_change to resume anyway")
+
+
+def changed_shape_keys(config, workdir: str) -> list[str]:
+  """SHAPE_KEYS that differ from the config.json beside the workdir's checkpoints."""
+  path = os.path.join(workdir, "config.json")
+  if not (os.path.exists(path) and checkpoint_steps(workdir)):
+    return []
+  with open(path) as f:
+    saved = json.load(f)
+  current = json.loads(config.to_json_best_effort())
+  return validation.changed_keys(saved, current, SHAPE_KEYS)
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  directory = os.path.join(workdir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(
+      directory) else []
+
+
 def save_config(config, workdir: str) -> None:
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  """Writes config.json; a previous one with other shapes is kept as config.before_step_N."""
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, "config.json")
+  if changed_shape_keys(config, workdir):
+    os.replace(path, os.path.join(workdir, f"config.before_step_"
+                                           f"{checkpoint_steps(workdir)[-1]}.json"))
+  with open(path, "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = False) -> dict:
   validation.validate(config)
-  os.makedirs(workdir, exist_ok=True)
-  save_config(config, workdir)
+  check_workdir(config, workdir, allow_config_change=allow_config_change)
 
   # ----------------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(config.mesh)
@@ -134,6 +180,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   say(compiled_summary(train_step))
 
   # ---------------------------------------------------------------------- loop
+  save_config(config, workdir)  # every check has passed: the run is starting
   batches = pipeline.train_batches(
       pretrain, config.data, global_batch_size=config.batch_size, seed=config.seed,
       start_step=start_step, process_index=jax.process_index(),
@@ -141,6 +188,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer = metrics.MetricWriter(workdir)
   progress = metrics.Progress(start_step, config.total_steps, config.batch_size)
   skipped_images = 0  # unreadable images replaced by the pipeline (this process, this run)
+  preemption = PreemptionWatch(ckpt.manager)
 
   try:
     for current in range(start_step + 1, config.total_steps + 1):
@@ -149,20 +197,28 @@ def train_and_evaluate(config, workdir: str) -> dict:
       batch = sharding.to_global({k: batch[k] for k in ("target", "anchor", "focal")}, mesh)
       state, step_metrics = train_step(state, batch)
 
-      if current % config.log_every_steps == 0 or current == config.total_steps:
-        # The only host sync of the loop: metrics are fetched at log steps only.
+      log = current % config.log_every_steps == 0 or current == config.total_steps
+      stop = preemption.requested(current)
+      save = stop or current % config.checkpoint_every_steps == 0 or (
+          current == config.total_steps)
+      if log or save:
+        # The only host syncs of the loop: metrics are fetched at log and save steps, and a
+        # non-finite state is never saved over the last good checkpoint.
         scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         bad = [k for k, v in scalars.items() if not math.isfinite(v)]
         if bad:
           raise FloatingPointError(
               f"non-finite {bad} at step {current}; the last good checkpoint is "
               f"{ckpt.latest_step()} (not overwritten). Lower optim.lr or check the data.")
+      if log:
         scalars.update(progress.update(current), skipped_images=skipped_images)
         writer.write(current, scalars)
         say(metrics.format_line(current, config.total_steps, scalars))
-
-      if current % config.checkpoint_every_steps == 0 or current == config.total_steps:
+      if save:
         ckpt.save(current, state)
+      if stop:
+        ckpt.close()  # waits for the save to commit
+        raise Preempted(current)
 
       if (config.eval.enabled and config.eval_every_steps and current < config.total_steps
           and current % config.eval_every_steps == 0):
@@ -171,6 +227,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         writer.write(current, suite.scalars(result))
   finally:
     ckpt.close()  # never leave with an async save in flight
+    preemption.close()
 
   # -------------------------------------------------------------------- export
   encode = target_encoder(graphdef, state)

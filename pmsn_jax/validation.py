@@ -31,7 +31,8 @@ def _positive_int(config, key: str, allow_zero=False) -> None:
 
 
 def _partition_rules(config) -> None:
-  axes = {name for name, _ in config.mesh}
+  # Rules may name the standard axes even when the mesh lacks them (they are then ignored).
+  axes = {name for name, _ in config.mesh} | {"data", "fsdp", "tensor"}
   _positive_int(config, "fsdp_min_size", allow_zero=True)
   for rule in config.partition_rules:
     ok = len(rule) == 2 and isinstance(rule[0], str)
@@ -47,6 +48,28 @@ def _partition_rules(config) -> None:
       ok = all(a is None or a in axes for a in names)
     _require(ok, "partition_rules", rule, f"expected (regex, spec) with spec 'fsdp' or a tuple "
              f"of mesh axes {sorted(axes)} / None per dimension")
+
+
+def changed_keys(saved: dict, current: dict, keys) -> list[str]:
+  """Dotted leaf keys under `keys` whose values differ between two config dicts (JSON)."""
+  def leaves(node, prefix):
+    if not isinstance(node, dict):
+      return {prefix: node}
+    out = {}
+    for key, sub in node.items():
+      out.update(leaves(sub, f"{prefix}.{key}"))
+    return out
+
+  def under(tree, dotted):
+    for part in dotted.split("."):
+      tree = tree.get(part, {}) if isinstance(tree, dict) else {}
+    return leaves(tree, dotted)
+
+  changed = []
+  for key in keys:
+    a, b = under(saved, key), under(current, key)
+    changed += sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+  return changed
 
 
 def lookup(config, dotted: str):

@@ -1,0 +1,49 @@
+"""Preemption: SIGTERM (a spot VM's notice, `scancel`, `launch/tpu_vm.sh stop`) ends the run
+at the next step boundary with a checkpoint of that step, so the same command resumes.
+
+One process: our own SIGTERM handler sets a flag the loop reads (no device sync). Several
+processes: hosts may get the signal at different steps, and a host that stops alone would
+hang the others in their next collective. JAX's preemption sync point (via Orbax's
+`reached_preemption`, backed by the jax.distributed coordination service, which catches
+SIGTERM itself) makes every host agree on the same step.
+"""
+from __future__ import annotations
+
+import signal
+
+import jax
+
+EXIT_STATUS = 143  # 128 + SIGTERM: "stopped on request, checkpoint saved", as shells report it
+
+
+class Preempted(Exception):
+  """Raised by the train loop after the preemption checkpoint is committed."""
+
+  def __init__(self, step: int):
+    super().__init__(f"stopped by SIGTERM at step {step} after saving checkpoint {step}; "
+                     f"rerun the same command to resume")
+    self.step = step
+
+
+class PreemptionWatch:
+  """`requested(step)` turns True once a stop was requested (consistently across hosts)."""
+
+  def __init__(self, manager):
+    self._manager, self._flag = manager, False
+    self._previous = None
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+  def _on_signal(self, signum, frame):
+    del signum, frame
+    self._flag = True
+
+  def requested(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return bool(self._manager.reached_preemption(step))
+    return self._flag
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
