@@ -113,6 +113,22 @@ def test_checkpoint_restores_onto_other_topologies(tmp_path):
       assert a.sharding == s and set(a.sharding.device_set) <= set(subset)
 
 
+def test_checkpoint_from_one_device_restores_sharded_on_eight(tmp_path):
+  devices = jax.devices()
+  _, _, _, _, _, _, state = built(small_config(), devices[:1])
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), keep=1)
+  ckpt.save(1, state)
+  ckpt.close()
+  config = small_config((("data", 2), ("fsdp", 2), ("tensor", 2)))
+  _, _, _, _, abstract, shardings, _ = built(config, devices)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), keep=1)
+  restored = ckpt.restore(1, checkpoint.abstract_with_shardings(abstract, shardings))
+  ckpt.close()
+  assert qkv_spec(restored) == P(None, "fsdp", "tensor")
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_batch_and_mesh_errors():
   mesh = sharding.make_mesh((("data", 2), ("fsdp", 4), ("tensor", 1)))
   sharding.check_batch_size(16, mesh)
@@ -121,6 +137,6 @@ def test_batch_and_mesh_errors():
   with pytest.raises(ValueError, match="has 16 devices but 8"):
     sharding.make_mesh((("data", 2), ("fsdp", 8)))
   config = small_config((("data", -1), ("fsdp", 1)))
-  config.partition_rules = ((r".*", (None, "tensor")),)
+  config.partition_rules = ((r".*", (None, "model")),)  # no such axis
   with pytest.raises(ValueError, match="partition_rules"):
     validation.validate(config)
