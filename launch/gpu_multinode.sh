@@ -19,6 +19,10 @@
 set -euo pipefail
 
 PROG=${0##*/}
+# shellcheck source=launch/lib.sh
+HERE=${BASH_SOURCE[0]%/*}  # no dirname: --help and --dry-run work with nothing on PATH
+[[ $HERE == "${BASH_SOURCE[0]}" ]] && HERE=.
+source "$HERE/lib.sh"
 readonly PROG
 case ${BASH_SOURCE[0]} in
   */*) REPO_ROOT=$(cd "${BASH_SOURCE[0]%/*}/.." && pwd) ;;
@@ -73,27 +77,6 @@ Options:
 Exit status: that of pmsn_jax.main (0 done, 2 user error; on SIGTERM see docs/reliability.md),
 or of srun; 2 for a usage error of this script.
 EOF
-}
-
-# Prints its standard input (a here-document) with builtins only, so that --help and
-# --print-sbatch work with nothing on PATH.
-emit() {
-  local text
-  IFS= read -r -d '' text || true
-  printf '%s' "$text"
-}
-
-# One line on stderr and exit status 2, like a usage error of pmsn_jax.main.
-die() {
-  printf '%s: error: %s\n' "$PROG" "$*" >&2
-  exit 2
-}
-
-# Prints its arguments as one line that bash reads back as the same words.
-quote_cmd() {
-  local line
-  printf -v line '%q ' "$@"
-  printf '%s\n' "${line% }"
 }
 
 parse_args() {

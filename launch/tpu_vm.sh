@@ -9,6 +9,10 @@
 set -euo pipefail
 
 PROG=${0##*/}
+# shellcheck source=launch/lib.sh
+HERE=${BASH_SOURCE[0]%/*}  # no dirname: --help and --dry-run work with nothing on PATH
+[[ $HERE == "${BASH_SOURCE[0]}" ]] && HERE=.
+source "$HERE/lib.sh"
 readonly PROG
 readonly SUBCOMMANDS="create setup run logs stop delete status"
 # Options that take a value (as --opt=VALUE or --opt VALUE).
@@ -87,27 +91,6 @@ Options (one set may be reused for every subcommand; options it does not use are
 
 Exit status: that of the last gcloud command; 2 for a usage error.
 EOF
-}
-
-# Prints its standard input (a here-document) with builtins only, so that --help and
-# --print-sbatch work with nothing on PATH.
-emit() {
-  local text
-  IFS= read -r -d '' text || true
-  printf '%s' "$text"
-}
-
-# One line on stderr and exit status 2, like a usage error of pmsn_jax.main.
-die() {
-  printf '%s: error: %s\n' "$PROG" "$*" >&2
-  exit 2
-}
-
-# Prints its arguments as one line that bash reads back as the same words.
-quote_cmd() {
-  local line
-  printf -v line '%q ' "$@"
-  printf '%s\n' "${line% }"
 }
 
 # Runs a command, or with --dry-run only prints it. Either way the exact words are shown.

@@ -14,15 +14,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from pmsn_jax import preemption
+from tests import subprocess_runs
+from tests.subprocess_runs import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FMNIST = os.environ.get("PMSN_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not os.path.exists(os.path.join(FMNIST, "train-images-idx3-ubyte.gz")),
-                       reason="needs Debian's dataset-fashion-mnist (make data)"),
-]
+pytestmark = subprocess_runs.MARKS
 
 STEPS = 12
 BASE = ["--config=configs/demo.py:smoke", f"--config.total_steps={STEPS}",

@@ -10,16 +10,10 @@ import sys
 
 import numpy as np
 import orbax.checkpoint as ocp
-import pytest
+from tests import subprocess_runs
+from tests.subprocess_runs import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FMNIST = os.environ.get("PMSN_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not os.path.exists(os.path.join(FMNIST, "train-images-idx3-ubyte.gz")),
-                       reason="needs Debian's dataset-fashion-mnist (make data)"),
-]
+pytestmark = subprocess_runs.MARKS
 
 OVERRIDES = [
     "--config=configs/demo.py:smoke", "--config.total_steps=4", "--config.log_every_steps=2",
