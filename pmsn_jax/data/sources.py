@@ -33,7 +33,8 @@ ENV_DIR = "PMSN_FASHION_MNIST_DIR"
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 HOW_TO_GET = (
     "apt-get install -y dataset-fashion-mnist, or set PMSN_FASHION_MNIST_DIR to a directory with "
-    "the IDX files, or use --config.data.source=tfds:fashion_mnist where the network allows"
+    "the IDX files, or use --config.data.source=tfds:fashion_mnist after `tfds build "
+    "fashion_mnist` where the network allows"
 )
 _IDX_PREFIX = {"train": "train", "test": "t10k"}
 _IN_MEMORY_BYTES = 2 << 30  # Larger TFDS splits, or variable-size images, are streamed.
@@ -222,12 +223,13 @@ def _load_tfds(spec: str, split: str, *, data_dir: str | None, download: bool):
   shape = tuple(features["image"].shape)
   splits = info.splits
   num_examples = splits[split].num_examples if split in splits else 0
+  if not num_examples and not _has_mock_data(builder):
+    raise FileNotFoundError(
+        f"tfds:{name} split {split!r} is not prepared under "
+        f"{data_dir or tfds.core.constants.DATA_DIR}: prepare it first (`tfds build {name}` "
+        f"where the network allows; iNat18 offline: docs/data.md), or set "
+        f"--config.data.data_dir to where it is")
   if None in shape or num_examples * int(np.prod(shape)) > _IN_MEMORY_BYTES:
-    if not num_examples and not _has_mock_data(builder):
-      raise FileNotFoundError(
-          f"tfds:{name} split {split!r} is not prepared under "
-          f"{data_dir or tfds.core.constants.DATA_DIR}: prepare it first (docs/data.md), or "
-          f"set --config.data.data_dir to where it is")
     return TfdsImages(name, split, data_dir, num_examples, num_classes)
   ds = builder.as_dataset(split=split, as_supervised=True)
   # Batched reads rather than batch_size=-1, which needs a known split size (mocks lack it).
