@@ -15,7 +15,8 @@ pytestmark = subprocess_runs.MARKS
 
 
 def run_main(workdir, *overrides):
-  env = dict(os.environ, XLA_FLAGS="")  # one CPU device, like the README's demo
+  # One CPU device, like the README's demo; JAX logs every compilation (on stderr).
+  env = dict(os.environ, XLA_FLAGS="", JAX_LOG_COMPILES="1")
   proc = subprocess.run(
       [sys.executable, "-m", "pmsn_jax.main", "--config=configs/demo.py:smoke",
        f"--workdir={workdir}", *overrides],
@@ -38,6 +39,8 @@ def test_smoke_trains_evaluates_exports_and_resumes(tmp_path):
   assert train_rows[-1]["loss"] < train_rows[0]["loss"]
   assert all(np.isfinite(r["loss"]) for r in train_rows)
   assert "step 12/12" in first.stdout and "k-NN top-1" in first.stdout
+  # The step is compiled once, up front, and never again (12 steps, 2 checkpoints, eval).
+  assert first.stderr.count("Compiling jit(train_step)") == 1
 
   with open(workdir / "eval.json") as f:
     result = json.load(f)
