@@ -151,6 +151,8 @@ def validate(config) -> None:
   _require(d.imbalance_profile in sampling.PROFILES, "data.imbalance_profile",
            d.imbalance_profile, f"expected one of {sampling.PROFILES}")
   _probability(config, "data.batch_class_skew")
+  _require(0 < d.eval_crop_fraction <= 1, "data.eval_crop_fraction", d.eval_crop_fraction,
+           "expected a value in (0, 1] (MSN's 224/256 = 0.875)")
   _require(d.source.split(":", 1)[0] in SOURCE_SCHEMES, "data.source", d.source,
            f"expected one of {', '.join(sources.SOURCE_FORMS)}")
 

@@ -118,6 +118,7 @@ class TfdsImages:
                  shuffle_seed: int | None = None):
     """(image bytes, label) of this process's even split, in a fixed order unless
     shuffle_seed (shuffles the order of the record files, deterministically)."""
+    import tensorflow as tf
     import tensorflow_datasets as tfds
 
     split = self.split
@@ -128,7 +129,7 @@ class TfdsImages:
     ds = builder.as_dataset(split=split, shuffle_files=shuffle_seed is not None,
                             read_config=read_config,
                             decoders={"image": tfds.decode.SkipDecoding()})
-    return ds.map(lambda ex: (ex["image"], tf_cast_int32(ex["label"])))
+    return ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)))
 
   def shard_size(self, process_count: int) -> int:
     return self.num_examples // process_count if process_count > 1 else self.num_examples
@@ -139,11 +140,6 @@ class TfdsImages:
     for labels in self.as_dataset().map(lambda _, y: y).batch(4096).as_numpy_iterator():
       counts += np.bincount(labels, minlength=self.num_classes)
     return counts
-
-
-def tf_cast_int32(x):
-  import tensorflow as tf
-  return tf.cast(x, tf.int32)
 
 
 def load_source(source: str, split: str, *, data_dir: str | None = None,
