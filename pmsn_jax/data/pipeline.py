@@ -33,8 +33,8 @@ _DECODE_PARALLELISM = 16  # Image files decoded at once per process.
 _SHUFFLE_BUFFER = 10_000  # Encoded records (~100 kB each for iNat) per process.
 
 
-def train_batches(data: LabelledImages | ImageFiles | TfdsImages, cfg, *, global_batch_size: int, seed: int,
-                  start_step: int = 0, process_index: int = 0,
+def train_batches(data: LabelledImages | ImageFiles | TfdsImages, cfg, *,
+                  global_batch_size: int, seed: int, start_step: int = 0, process_index: int = 0,
                   process_count: int = 1,
                   batch_class_skew: float = 0.0) -> Iterator[dict[str, np.ndarray]]:
   """This process's slice of every global batch from `start_step` on, forever.
@@ -183,15 +183,9 @@ def decode_for_eval(data, cfg, max_examples: int = 0,
                      f"{count * side * side * channels / 2**30:.1f} GiB of host memory; set "
                      f"--config.eval.max_train_examples / max_test_examples to fewer images")
   _hide_gpus_from_tf()
-  if isinstance(data, ImageFiles):
-    ds = tf.data.Dataset.from_tensor_slices((data.paths, data.labels))
-    if count:
-      ds = ds.take(count)
-    ds = ds.map(lambda path, label: (tf.io.read_file(path), label))
-  else:
-    ds = data.as_dataset()
-    if count:
-      ds = ds.take(count)
+  ds = encoded_records(data)
+  if count:
+    ds = ds.take(count)
 
   @tf.autograph.experimental.do_not_convert
   def square(row, record):
@@ -218,6 +212,14 @@ def decode_for_eval(data, cfg, max_examples: int = 0,
     logging.warning("evaluation: %d of %d images could not be decoded and were left out",
                     count - len(labels), count)
   return LabelledImages(images, labels, data.num_classes), np.concatenate(rows)
+
+
+def encoded_records(data: ImageFiles | TfdsImages) -> tf.data.Dataset:
+  """(encoded image bytes, label) of every row, in row order (files read lazily)."""
+  if isinstance(data, TfdsImages):
+    return data.as_dataset()
+  ds = tf.data.Dataset.from_tensor_slices((data.paths, data.labels))
+  return ds.map(lambda path, label: (tf.io.read_file(path), label))
 
 
 def eval_batches(images: np.ndarray, cfg, batch_size: int) -> Iterator[np.ndarray]:
