@@ -39,7 +39,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.mask_ratio = 0.15      # patch drop on the masked anchor view
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "tfds:imagenet2012"  # tfds:<name>[:<split>] | inat_json:<root> | folder:<root> | idx:<dir>
+  # tfds:<name>[:<split>] | inat_json:<root> | folder:<root> | idx:<dir> (docs/data.md)
+  c.data.source = "tfds:imagenet2012"
   c.data.data_dir = ""           # TFDS data_dir (local or gs://); "" = TFDS's default
   c.data.train_split = "train"
   c.data.test_split = "validation"
