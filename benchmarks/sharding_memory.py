@@ -113,7 +113,7 @@ def main(argv):
   for variant in _MODELS.value:
     config = _CONFIG.value.copy_and_resolve_references()
     config.model.variant = variant
-    vit_cfg = vit.vit_config_from(config.model, config.data.image_size, config.data.channels)
+    vit_cfg = vit.vit_config_from(config)
     _, _, _, create_state = step.build(config, vit_cfg)
     abstract = jax.eval_shape(create_state)
     total = sum(leaf_bytes(x) for x in jax.tree.leaves(abstract))

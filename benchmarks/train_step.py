@@ -4,8 +4,11 @@
 
 Prints img/s of the train step alone (synthetic batches already on device, so the input
 pipeline is not measured), model FLOPs per image from XLA's cost analysis of a fully unrolled
-lowering (a scan body would be counted once), this machine's f32 matmul peak measured in the
-same process, and MFU = achieved FLOP/s / peak. The last line is machine-readable:
+lowering (a scan body would be counted once), this machine's matmul peak in the config's
+compute dtype measured in the same process (or --peak_gflops, e.g. a datasheet figure:
+989400 for H100/H200 dense bf16), and MFU = achieved FLOP/s / peak. Remat's recomputation is
+not counted as model FLOPs (the FLOPs come from the config with remat off).
+The last line is machine-readable:
   img_per_s=<x> gflops_per_img=<y> peak_gflops=<z> mfu=<m>
 """
 
@@ -30,12 +33,17 @@ from pmsn_jax.models import vit  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after 2 warm-up steps).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timing repeats; the best is reported.")
+_PEAK = flags.DEFINE_float("peak_gflops", 0.0, "Peak to divide by; 0: measure it here.")
+_GFLOPS = flags.DEFINE_float(
+    "gflops_per_img", 0.0, "Model GFLOPs per image; 0: XLA's cost analysis of an unrolled "
+    "lowering here (some GPU backends give none: pass the CPU figure of the same config).")
 
 
-def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
-  """Best f32 matmul throughput of this backend in GFLOP/s (square n x n x n products)."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+def matmul_peak_gflops(dtype="float32", reps: int = 10) -> float:
+  """Best matmul throughput of this backend in GFLOP/s (square n x n x n products)."""
+  n = 2048 if jax.default_backend() == "cpu" else 8192
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
   mm = jax.jit(lambda x, y: x @ y)
   mm(a, b).block_until_ready()
   best = float("inf")
@@ -71,14 +79,18 @@ def main(argv):
   config = _CONFIG.value
   mesh = sharding.make_mesh(config.mesh)
   batch = sharding.to_global(synthetic_batch(config), mesh)
-  vit_cfg = vit.vit_config_from(config.model, config.data.image_size, config.data.channels)
+  vit_cfg = vit.vit_config_from(config)
 
-  # FLOPs from an unrolled lowering (no compile needed for the cost analysis).
-  unrolled_fn, unrolled_state = build_step(
-      config, mesh, dataclasses.replace(vit_cfg, scan_unroll=vit_cfg.depth))
-  flops = unrolled_fn.lower(unrolled_state, batch).cost_analysis()["flops"]
-  gflops_per_img = flops / config.batch_size / 1e9
-  del unrolled_fn, unrolled_state
+  gflops_per_img = _GFLOPS.value
+  if not gflops_per_img:  # FLOPs from an unrolled lowering (no compile needed).
+    unrolled_fn, unrolled_state = build_step(
+        config, mesh, dataclasses.replace(vit_cfg, scan_unroll=vit_cfg.depth, remat=False))
+    analysis = unrolled_fn.lower(unrolled_state, batch).cost_analysis()
+    if not analysis:
+      raise SystemExit(f"{jax.default_backend()} gives no cost analysis of a lowering: pass "
+                       "--gflops_per_img (run this config on CPU to get it).")
+    gflops_per_img = analysis["flops"] / config.batch_size / 1e9
+    del unrolled_fn, unrolled_state
 
   fn, state = build_step(config, mesh, vit_cfg)
   t = time.perf_counter()
@@ -95,11 +107,17 @@ def main(argv):
     jax.block_until_ready(metrics)
     best = min(best, (time.perf_counter() - t) / _STEPS.value)
   img_per_s = config.batch_size / best
-  peak = matmul_peak_gflops()
+  measured_peak = matmul_peak_gflops(config.compute_dtype)
+  peak = _PEAK.value or measured_peak
   mfu = img_per_s * gflops_per_img / peak
-  print(f"backend={jax.default_backend()} devices={jax.device_count()} "
-        f"model={config.model.variant} batch={config.batch_size} compile_s={compile_s:.1f} "
-        f"step_ms={best * 1e3:.1f}")
+  memory = compiled.memory_analysis()
+  temp_mib = getattr(memory, "temp_size_in_bytes", 0) / 2 ** 20
+  print(f"backend={jax.default_backend()} device={jax.devices()[0].device_kind} "
+        f"devices={jax.device_count()} model={config.model.variant} "
+        f"batch={config.batch_size} dtype={config.compute_dtype} remat={config.model.remat} "
+        f"compile_s={compile_s:.1f} step_ms={best * 1e3:.1f} temp_mib={temp_mib:.0f} "
+        f"measured_matmul_peak_gflops={measured_peak:.1f} "
+        f"mfu_vs_measured={img_per_s * gflops_per_img / measured_peak:.3f}")
   print(f"img_per_s={img_per_s:.2f} gflops_per_img={gflops_per_img:.3f} "
         f"peak_gflops={peak:.1f} mfu={mfu:.3f}")
 

@@ -101,30 +101,36 @@ def prior_from_config(config) -> np.ndarray:
   return prior
 
 
-def make_train_step(graphdef, tx, schedules, prior: jax.Array, config):
-  """Returns train_step(state, batch) -> (state, metrics) for jax.jit."""
+def make_loss_fn(graphdef, prior: jax.Array, config):
+  """-> loss_fn(params, target, batch_stats, batch, rng) -> (loss, (metrics, batch_stats))."""
   loss_kwargs = dict(
       temperature=config.loss.temperature, target_temperature=config.loss.target_temperature,
       sinkhorn_iters=config.loss.sinkhorn_iters, sinkhorn_marginal=config.loss.sinkhorn_marginal,
       reg_weight=config.loss.reg_weight, kl_direction=config.loss.kl_direction)
   mask_ratio = float(config.model.mask_ratio)
+
+  def loss_fn(params, target, batch_stats, batch, rng):
+    model = nnx.merge(graphdef, params, target, batch_stats, copy=True)
+    anchors = model.anchor_projections(batch["anchor"], batch["focal"],
+                                       mask_ratio=mask_ratio, rng=rng)
+    targets = model.target_projections(batch["target"])
+    loss, metrics = losses.pmsn_loss(anchors, targets, model.prototypes(), prior, **loss_kwargs)
+    return loss, (metrics, nnx.state(model, nnx.BatchStat))
+
+  return loss_fn
+
+
+def make_train_step(graphdef, tx, schedules, prior: jax.Array, config):
+  """Returns train_step(state, batch) -> (state, metrics) for jax.jit."""
+  loss_fn = make_loss_fn(graphdef, prior, config)
   base_key = jax.random.key(config.seed)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     # Masks are a pure function of (seed, step): resuming at step t replays them exactly.
     rng = jax.random.fold_in(base_key, state.step)
-
-    def loss_fn(params):
-      model = nnx.merge(graphdef, params, state.target, state.batch_stats, copy=True)
-      anchors = model.anchor_projections(batch["anchor"], batch["focal"],
-                                         mask_ratio=mask_ratio, rng=rng)
-      targets = model.target_projections(batch["target"])
-      loss, metrics = losses.pmsn_loss(anchors, targets, model.prototypes(), prior,
-                                       **loss_kwargs)
-      return loss, (metrics, nnx.state(model, nnx.BatchStat))
-
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (_, (metrics, batch_stats)), grads = grad_fn(state.params)
+    (_, (metrics, batch_stats)), grads = grad_fn(state.params, state.target, state.batch_stats,
+                                                 batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     momentum = schedules.ema_momentum(state.step)

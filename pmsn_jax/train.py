@@ -148,7 +148,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   eval_data = load_eval_data(config, train_split, pretrain_rows) if config.eval.enabled else None
 
   # ------------------------------------------------------------ model/optimizer
-  vit_cfg = vit.vit_config_from(config.model, config.data.image_size, config.data.channels)
+  vit_cfg = vit.vit_config_from(config)
   graphdef, tx, scheds, create_state = step.build(config, vit_cfg)
   abstract_state = jax.eval_shape(create_state)
 

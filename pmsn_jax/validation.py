@@ -120,7 +120,7 @@ def validate(config) -> None:
   for key in ("hidden_dim", "output_dim", "num_prototypes"):
     _positive_int(config, f"model.{key}")
   _require(0.0 <= m.mask_ratio < 1.0, "model.mask_ratio", m.mask_ratio, "expected 0 <= r < 1")
-  vit.vit_config_from(m, config.data.image_size, config.data.channels)
+  vit.vit_config_from(config)
 
   _partition_rules(config)
 

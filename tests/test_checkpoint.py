@@ -19,7 +19,7 @@ def small_config():
 
 
 def build_state(config, mesh):
-  vit_cfg = vit.vit_config_from(config.model, config.data.image_size, config.data.channels)
+  vit_cfg = vit.vit_config_from(config)
   graphdef, _, _, create_state = step.build(config, vit_cfg)
   abstract = jax.eval_shape(create_state)
   shardings = sharding.state_shardings(abstract, mesh)

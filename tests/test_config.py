@@ -36,7 +36,7 @@ def test_config_builds_validates_and_its_train_state_has_shapes(name, arg):
   for key in REQUIRED:
     validation.lookup(config, key)
   validation.validate(config)
-  vit_cfg = vit.vit_config_from(config.model, config.data.image_size, config.data.channels)
+  vit_cfg = vit.vit_config_from(config)
   _, _, _, create_state = step.build(config, vit_cfg)
   abstract = jax.eval_shape(create_state)  # whole model + optimizer, nothing allocated
   assert abstract.params["prototypes"]["vectors"].shape == (config.model.num_prototypes,

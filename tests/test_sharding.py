@@ -23,7 +23,7 @@ def small_config(mesh=(("data", -1), ("fsdp", 1), ("tensor", 1))):
 
 def built(config, devices=None):
   mesh = sharding.make_mesh(config.mesh, devices)
-  vit_cfg = vit.vit_config_from(config.model, config.data.image_size, config.data.channels)
+  vit_cfg = vit.vit_config_from(config)
   graphdef, tx, scheds, create_state = step.build(config, vit_cfg)
   abstract = jax.eval_shape(create_state)
   shardings = sharding.state_shardings(abstract, mesh, config.partition_rules,

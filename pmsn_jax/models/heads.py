@@ -16,12 +16,14 @@ class ProjectionHead(nnx.Module):
   encoder's CLS features are evaluated and exported.
   """
 
-  def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, *, rngs: nnx.Rngs):
-    self.fc1 = nnx.Linear(in_dim, hidden_dim, rngs=rngs)
+  def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, *, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    # Matmuls in `dtype`; BatchNorm (float32 parameters) normalises and returns float32.
+    self.fc1 = nnx.Linear(in_dim, hidden_dim, dtype=dtype, rngs=rngs)
     self.bn1 = nnx.BatchNorm(hidden_dim, use_running_average=False, rngs=rngs)
-    self.fc2 = nnx.Linear(hidden_dim, hidden_dim, rngs=rngs)
+    self.fc2 = nnx.Linear(hidden_dim, hidden_dim, dtype=dtype, rngs=rngs)
     self.bn2 = nnx.BatchNorm(hidden_dim, use_running_average=False, rngs=rngs)
-    self.fc3 = nnx.Linear(hidden_dim, out_dim, rngs=rngs)
+    self.fc3 = nnx.Linear(hidden_dim, out_dim, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = jax.nn.gelu(self.bn1(self.fc1(x)), approximate=False)

@@ -26,7 +26,8 @@ class Backbone(nnx.Module):
 
   def __init__(self, vit_cfg: vit.ViTConfig, hidden_dim: int, out_dim: int, *, rngs: nnx.Rngs):
     self.encoder = vit.ViT(vit_cfg, rngs=rngs)
-    self.head = heads.ProjectionHead(vit_cfg.width, hidden_dim, out_dim, rngs=rngs)
+    self.head = heads.ProjectionHead(vit_cfg.width, hidden_dim, out_dim,
+                                     dtype=jnp.dtype(vit_cfg.dtype), rngs=rngs)
 
   def __call__(self, images, *, mask_ratio=0.0, rng=None):
     rep = self.encoder(images, mask_ratio=mask_ratio, rng=rng)
@@ -43,13 +44,19 @@ class MSN(nnx.Module):
     self.prototypes = heads.Prototypes(num_prototypes, out_dim, rngs=rngs)
 
   def anchor_projections(self, anchor, focal, *, mask_ratio: float, rng) -> jax.Array:
-    """[B,S,S,C] masked anchor + [B,F,s,s,C] focal crops -> projections [B, 1+F, d]."""
-    _, z_anchor = self.online(anchor, mask_ratio=mask_ratio, rng=rng)
-    views = [z_anchor[:, None]]
-    if focal.shape[1]:
-      b, f = focal.shape[:2]
-      _, z_focal = self.online(focal.reshape(b * f, *focal.shape[2:]))
-      views.append(z_focal.reshape(b, f, -1))
+    """[B,S,S,C] masked anchor + [B,F,s,s,C] focal crops -> projections [B, 1+F, d].
+
+    Both groups go through the encoder in one call (shared per-token layers); the head runs
+    per group so that BatchNorm sees each resolution's own statistics (METHOD.md).
+    """
+    b, f = focal.shape[:2]
+    groups = [(anchor, mask_ratio)]
+    if f:
+      groups.append((focal.reshape(b * f, *focal.shape[2:]), 0.0))
+    reps = self.online.encoder.encode_groups(groups, rng=rng)
+    views = [self.online.head(reps[0])[:, None]]
+    if f:
+      views.append(self.online.head(reps[1]).reshape(b, f, -1))
     return jnp.concatenate(views, axis=1)
 
   def target_projections(self, target) -> jax.Array:

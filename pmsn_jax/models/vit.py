@@ -10,6 +10,15 @@ Two things set it apart from a plain ViT:
 The transformer blocks are stacked and applied with `nnx.scan`: on XLA:CPU an unrolled loop
 made backward fusion grow with depth^2 (~1.5x slower, 2-3x longer compiles; ENVIRONMENT.md),
 and on accelerators a scan keeps compile time flat in depth.
+
+Several views of different resolutions can go through one call (`encode_groups`): their tokens
+share every per-token layer (LayerNorm, qkv, proj, MLP) as one [tokens, width] matrix, and only
+attention runs per group. Fewer, larger matmuls are faster (docs/performance.md), and the
+result equals separate calls up to float rounding.
+
+Mixed precision: with `dtype="bfloat16"` parameters stay float32 and every matmul (patch
+embedding, qkv, attention, proj, MLP) runs in bfloat16, while the residual stream, LayerNorm
+statistics and the final representation stay float32.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 # Official widths/depths/heads (MSN, DeiT). "mu" is a CPU-sized model for demos and tests.
@@ -47,6 +57,9 @@ class ViTConfig:
   # How many blocks one scan iteration runs. 1 keeps compile time flat in depth; benchmarks
   # unroll fully to get true FLOP counts (XLA's cost analysis counts a scan body once).
   scan_unroll: int = 1
+  dtype: str = "float32"  # compute dtype of the matmuls: float32 | bfloat16
+  # Recompute each block's activations in the backward pass instead of storing them.
+  remat: bool = False
 
   @property
   def grid(self) -> int:
@@ -63,38 +76,69 @@ def parse_variant(variant: str) -> tuple[dict, int]:
   return VIT_SIZES[match["size"]], int(match["patch"])
 
 
-def vit_config_from(model_cfg, image_size: int, channels: int) -> ViTConfig:
-  """Builds a ViTConfig from `config.model`; explicit width/depth/num_heads override the size."""
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def vit_config_from(config) -> ViTConfig:
+  """Builds a ViTConfig from an experiment config (model, data sizes, compute dtype).
+
+  Explicit model.width/depth/num_heads override the variant's size.
+  """
+  model_cfg, image_size = config.model, config.data.image_size
   size, patch = parse_variant(model_cfg.variant)
   size = {k: (model_cfg.get(k) or v) for k, v in size.items()}
+  dtype = config.get("compute_dtype", "float32")
+  if dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"compute_dtype={dtype!r} is not one of {COMPUTE_DTYPES}.")
   if image_size % patch:
     raise ValueError(f"data.image_size={image_size} is not a multiple of the patch size {patch}.")
   if size["width"] % size["num_heads"]:
     raise ValueError(f"model width {size['width']} is not divisible by num_heads "
                      f"{size['num_heads']}.")
-  return ViTConfig(**size, patch_size=patch, image_size=image_size, channels=channels)
+  # GPUs run the unrolled block loop 1.35x faster (ViT-B/16 on an H200, docs/performance.md);
+  # XLA:CPU needs the scan (see the module docstring), and on TPU it keeps compiles short.
+  unroll = size["depth"] if jax.default_backend() == "gpu" else 1
+  return ViTConfig(**size, patch_size=patch, image_size=image_size,
+                   channels=config.data.channels, scan_unroll=unroll, dtype=dtype,
+                   remat=bool(model_cfg.get("remat", False)))
 
 
 class Block(nnx.Module):
-  """Pre-norm transformer block: x + MHSA(LN(x)); x + MLP(LN(x))."""
+  """Pre-norm transformer block: x + MHSA(LN(x)); x + MLP(LN(x)), over groups of tokens.
+
+  Takes a tuple of token groups [B_i, T_i, D] (e.g. masked anchors and focal crops): the
+  per-token layers run once on all tokens, attention runs within each group.
+  """
 
   def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
     dim, hidden = cfg.width, int(cfg.width * cfg.mlp_ratio)
+    dtype = jnp.dtype(cfg.dtype)
     self.num_heads = cfg.num_heads
-    self.norm1 = nnx.LayerNorm(dim, epsilon=1e-6, rngs=rngs)
-    self.qkv = nnx.Linear(dim, 3 * dim, use_bias=True, rngs=rngs)  # qkv_bias as in DeiT/MSN
-    self.proj = nnx.Linear(dim, dim, rngs=rngs)
-    self.norm2 = nnx.LayerNorm(dim, epsilon=1e-6, rngs=rngs)
-    self.fc1 = nnx.Linear(dim, hidden, rngs=rngs)
-    self.fc2 = nnx.Linear(hidden, dim, rngs=rngs)
+    self.norm1 = nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
+    self.qkv = nnx.Linear(dim, 3 * dim, use_bias=True, dtype=dtype, rngs=rngs)  # DeiT qkv_bias
+    self.proj = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)
+    self.norm2 = nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
+    self.fc1 = nnx.Linear(dim, hidden, dtype=dtype, rngs=rngs)
+    self.fc2 = nnx.Linear(hidden, dim, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    batch, tokens, dim = x.shape
-    qkv = self.qkv(self.norm1(x)).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    attn = jax.nn.dot_product_attention(q, k, v).reshape(batch, tokens, dim)
-    x = x + self.proj(attn)
-    return x + self.fc2(jax.nn.gelu(self.fc1(self.norm2(x)), approximate=False))
+  def attention(self, qkv: jax.Array, batch: int, tokens: int) -> jax.Array:
+    """[batch*tokens, 3D] -> [batch*tokens, D] multi-head self-attention within one group."""
+    dim = qkv.shape[-1] // 3
+    qkv = qkv.reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+    out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    return out.reshape(batch * tokens, dim)
+
+  def __call__(self, groups: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    shapes = [g.shape[:2] for g in groups]
+    sizes = [b * t for b, t in shapes]
+    # The residual stream stays float32 whatever the compute dtype (layers return `dtype`).
+    x = jnp.concatenate([g.reshape(n, -1) for g, n in zip(groups, sizes)])
+    qkv = jnp.split(self.qkv(self.norm1(x)), np.cumsum(sizes)[:-1])
+    attn = [self.attention(part, b, t) for part, (b, t) in zip(qkv, shapes)]
+    x = x + self.proj(jnp.concatenate(attn))
+    x = x + self.fc2(jax.nn.gelu(self.fc1(self.norm2(x)), approximate=False))
+    return tuple(part.reshape(b, t, -1)
+                 for part, (b, t) in zip(jnp.split(x, np.cumsum(sizes)[:-1]), shapes))
 
 
 def keep_random_patches(tokens: jax.Array, keep: int, rng: jax.Array) -> jax.Array:
@@ -111,7 +155,7 @@ class ViT(nnx.Module):
     self.cfg = cfg
     p, dim = cfg.patch_size, cfg.width
     self.patch_embed = nnx.Conv(cfg.channels, dim, kernel_size=(p, p), strides=(p, p),
-                                padding="VALID", rngs=rngs)
+                                padding="VALID", dtype=jnp.dtype(cfg.dtype), rngs=rngs)
     init = nnx.initializers.truncated_normal(stddev=0.02)
     self.cls_token = nnx.Param(init(rngs.params(), (1, 1, dim)))
     # One position for CLS + one per patch of the base grid (DeiT/MSN layout).
@@ -136,12 +180,13 @@ class ViT(nnx.Module):
       patch_pos = patch_pos.reshape(1, grid * grid, dim)
     return cls_pos, patch_pos
 
-  def __call__(self, images: jax.Array, *, mask_ratio: float = 0.0,
-               rng: jax.Array | None = None) -> jax.Array:
-    if images.shape[1] != images.shape[2] or images.shape[1] % self.cfg.patch_size:
-      raise ValueError(f"images must be square with a side divisible by the patch size "
+  def tokens(self, images: jax.Array, mask_ratio: float, rng: jax.Array | None) -> jax.Array:
+    """Images [B,S,S,C] -> float32 tokens [B, 1 + kept patches, D], CLS first."""
+    if images.ndim != 4 or images.shape[1] != images.shape[2] \
+        or images.shape[1] % self.cfg.patch_size:
+      raise ValueError(f"images must be [B, S, S, C] with S divisible by the patch size "
                        f"{self.cfg.patch_size}; got shape {images.shape}.")
-    x = self.patch_embed(images)
+    x = self.patch_embed(images).astype(jnp.float32)
     batch, grid = x.shape[0], x.shape[1]
     cls_pos, patch_pos = self.position_embedding(grid)
     x = x.reshape(batch, grid * grid, -1) + patch_pos
@@ -150,12 +195,27 @@ class ViT(nnx.Module):
         raise ValueError("patch drop (mask_ratio > 0) needs an rng.")
       keep = max(1, int(grid * grid * (1.0 - mask_ratio)))
       x = keep_random_patches(x, keep, rng)
-    cls = jnp.broadcast_to(self.cls_token[...] + cls_pos, (batch, 1, x.shape[-1])).astype(x.dtype)
-    x = jnp.concatenate([cls, x], axis=1)
+    cls = jnp.broadcast_to(self.cls_token[...] + cls_pos, (batch, 1, x.shape[-1]))
+    return jnp.concatenate([cls, x], axis=1)
+
+  def encode_groups(self, groups, *, rng: jax.Array | None = None) -> list[jax.Array]:
+    """[(images, mask_ratio), ...] -> one CLS representation [B_i, width] per group.
+
+    Groups may differ in batch size and resolution; see the module docstring.
+    """
+    tokens = tuple(self.tokens(images, ratio, rng) for images, ratio in groups)
+
+    def apply_block(block, x):
+      return block(x)
+    if self.cfg.remat:
+      apply_block = nnx.remat(apply_block)
 
     @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, unroll=self.cfg.scan_unroll)
     def run_blocks(x, block):
-      return block(x)
+      return apply_block(block, x)
 
-    x = run_blocks(x, self.blocks)
-    return self.norm(x[:, 0])
+    return [self.norm(x[:, 0]) for x in run_blocks(tokens, self.blocks)]
+
+  def __call__(self, images: jax.Array, *, mask_ratio: float = 0.0,
+               rng: jax.Array | None = None) -> jax.Array:
+    return self.encode_groups([(images, mask_ratio)], rng=rng)[0]
