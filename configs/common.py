@@ -40,7 +40,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.output_dim = 256
   c.model.num_prototypes = 1024
   c.model.mask_ratio = 0.15      # patch drop on the masked anchor view
-  c.model.remat = False          # recompute block activations in backward: less memory, ~1/3 more FLOPs
+  c.model.remat = False          # recompute each block in backward: less memory, more FLOPs
 
   c.data = ml_collections.ConfigDict()
   # tfds:<name>[:<split>] | inat_json:<root> | folder:<root> | idx:<dir> (docs/data.md)

@@ -9,6 +9,8 @@ import functools
 import json
 import math
 import os
+import resource
+import time
 
 import jax
 import numpy as np
@@ -170,6 +172,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   start_step = int(jax.device_get(state.step))
 
   # ------------------------------------------------ the step, compiled once, up front
+  compile_start = time.perf_counter()
   train_step = jax.jit(
       step.make_train_step(graphdef, tx, scheds, step.prior_from_config(config), config),
       in_shardings=(state_shardings, batch_sharding),
@@ -177,7 +180,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
       donate_argnums=0).lower(
           checkpoint.abstract_with_shardings(abstract_state, state_shardings),
           abstract_batch(config, batch_sharding)).compile()
-  say(compiled_summary(train_step))
+  say(compiled_summary(train_step) + f"; compiled in {time.perf_counter() - compile_start:.1f} s")
 
   # ---------------------------------------------------------------------- loop
   save_config(config, workdir)  # every check has passed: the run is starting
@@ -248,7 +251,14 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
         json.dump(result, f, indent=2)
     say(suite.format_table(result))
   writer.close()
+  say(f"peak resident memory of this process: {peak_rss_mib():.0f} MiB")
   return result
+
+
+def peak_rss_mib() -> float:
+  """High-water mark of this process's resident memory (Linux reports KiB, macOS bytes)."""
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return peak / 2 ** 20 if os.uname().sysname == "Darwin" else peak / 2 ** 10
 
 
 def abstract_batch(config, batch_sharding) -> dict[str, jax.ShapeDtypeStruct]:
