@@ -74,15 +74,25 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.batch_class_skew = 0.0
 
   c.loss = ml_collections.ConfigDict()
-  c.loss.prior = "power_law"     # power_law | uniform | custom
+  c.loss.prior = "power_law"     # power_law | uniform | custom | fit (docs/prior_fit.md)
   c.loss.prior_exponent = 0.25   # tau_p of the power law
   c.loss.custom_prior = ()       # K positive values summing to 1, for prior = "custom"
+  # prior = "fit": tau_p from the pretraining class histogram ("labels", before training) or
+  # from the model's own cluster sizes ("clusters") over a warm-up with the uniform prior.
+  c.loss.prior_fit_source = "labels"        # labels | clusters
+  c.loss.prior_fit_warmup_steps = 1000      # "clusters" only; < total_steps
   c.loss.sinkhorn_iters = 3
   c.loss.sinkhorn_marginal = "prior"        # prior | uniform
   c.loss.kl_direction = "mean_to_prior"     # mean_to_prior | prior_to_mean
   c.loss.reg_weight = 1.0
   c.loss.temperature = 0.1
   c.loss.target_temperature = 0.25
+
+  # Prototype usage vs the prior (diagnostics.py): scalars at every log step; the sorted usage
+  # vectors go to WORKDIR/prototypes.jsonl every this many steps (0: every log step; else a
+  # multiple of log_every_steps; K floats each, so thin it out for K = 1024 and long runs).
+  c.diagnostics = ml_collections.ConfigDict()
+  c.diagnostics.prototypes_every_steps = 0
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-3
@@ -110,6 +120,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval.linear_epochs = 100
   c.eval.linear_lr = 6.4
   c.eval.linear_batch_size = 256
+  # Low-shot (evals/lowshot.py): logistic regression on k labelled train images per class, k in
+  # lowshot_shots (() turns it off), over lowshot_splits label splits. The splits are seeded by
+  # lowshot_seed, not c.seed, so runs with different training seeds are scored on the same
+  # labelled images. lowshot_l2 is lambda of mean CE + (lambda/2)||W||^2 on unit-norm features:
+  # 1e-3 keeps the separable few-shot problem well posed (a finite optimum L-BFGS reaches in
+  # < 100 steps) and lies in the range where accuracy does not depend on it (1e-5 to 1e-2 on
+  # Fashion-MNIST pixels; >= 0.1 costs 5 points at 5 shots); see lowshot.py's DEFAULT_L2.
+  c.eval.lowshot_shots = (1, 2, 5)
+  c.eval.lowshot_splits = 3
+  c.eval.lowshot_seed = 0
+  c.eval.lowshot_l2 = 1e-3
   return c
 
 

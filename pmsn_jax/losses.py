@@ -152,7 +152,17 @@ def _l2_normalize(x: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
   return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
-def pmsn_loss(
+def pmsn_loss(anchors: jnp.ndarray, targets: jnp.ndarray, prototypes: jnp.ndarray,
+              prior: jnp.ndarray, **kwargs) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
+  """PMSN loss and scalar metrics: `pmsn_loss_with_aux` without the vectors.
+
+  Under jit the unused diagnostic vectors cost nothing (XLA drops them).
+  """
+  loss, metrics, _ = pmsn_loss_with_aux(anchors, targets, prototypes, prior, **kwargs)
+  return loss, metrics
+
+
+def pmsn_loss_with_aux(
     anchors: jnp.ndarray,
     targets: jnp.ndarray,
     prototypes: jnp.ndarray,
@@ -164,7 +174,7 @@ def pmsn_loss(
     sinkhorn_marginal: str = "prior",
     reg_weight: float = 1.0,
     kl_direction: str = "mean_to_prior",
-) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
+) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray], Dict[str, jnp.ndarray]]:
   """PMSN loss L = CE(P, p_a) + reg_weight · KL against the prior.
 
   Args:
@@ -183,9 +193,15 @@ def pmsn_loss(
       or "prior_to_mean" R = KL(π‖p̄) (what lightly computes).
 
   Returns:
-    (loss, metrics): scalar float32 loss; float32 scalars "loss", "ce",
+    (loss, metrics, aux): scalar float32 loss; float32 scalars "loss", "ce",
     "reg", "mean_entropy" H(p̄), "target_entropy" (mean row entropy of P) and
-    "prototypes_in_use" (prototypes that are the argmax of some row of P).
+    "prototypes_in_use" (prototypes that are the argmax of some row of P);
+    aux holds the vectors the prototype diagnostics (diagnostics.py) need,
+    kept apart because metric writers take scalars only:
+    "target_usage" [K] column mass of P / B (prototype usage by the balanced
+    targets), "raw_target_usage" [K] the same before Sinkhorn (the model's own
+    cluster sizes, which Sinkhorn would otherwise flatten to its marginal),
+    "mean_prediction" [K] p̄, and "assignments" [B] int32 argmax_k P[b, k].
   """
   if anchors.ndim != 3:
     raise ValueError(f"anchors must be rank 3 [B, V, d], got {anchors.shape}.")
@@ -250,7 +266,8 @@ def pmsn_loss(
     reg = jnp.sum(prior * (log_prior - log_p_mean))
   loss = ce + reg_weight * reg
 
-  assigned = jax.nn.one_hot(jnp.argmax(p_target, axis=-1), num_prototypes)
+  assignments = jnp.argmax(p_target, axis=-1).astype(jnp.int32)
+  assigned = jax.nn.one_hot(assignments, num_prototypes)
   metrics = {
       "loss": loss,
       "ce": ce,
@@ -260,4 +277,10 @@ def pmsn_loss(
           jax.scipy.special.entr(p_target), axis=-1)),
       "prototypes_in_use": jnp.sum(jnp.max(assigned, axis=0)).astype(f32),
   }
-  return loss, metrics
+  aux = {
+      "target_usage": jnp.mean(p_target, axis=0),
+      "raw_target_usage": jnp.mean(jax.nn.softmax(target_logits, axis=-1), axis=0),
+      "mean_prediction": p_mean,
+      "assignments": assignments,
+  }
+  return loss, metrics, aux

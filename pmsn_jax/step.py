@@ -90,8 +90,14 @@ def ema_update(target: nnx.State, params: nnx.State, momentum) -> nnx.State:
 
 
 def prior_from_config(config) -> np.ndarray:
-  """The cluster prior pi of config.loss (power_law | uniform | custom), validated."""
+  """The cluster prior pi of config.loss (power_law | uniform | custom), validated.
+
+  prior = "fit" depends on data, not only on the config: prior_fit.PriorTracker resolves it.
+  """
   k = config.model.num_prototypes
+  if config.loss.prior == "fit":
+    raise ValueError("config.loss.prior='fit' is estimated from data: use "
+                     "prior_fit.PriorTracker (as train.py does), not step.prior_from_config")
   if config.loss.prior == "power_law":
     return np.asarray(losses.power_law_prior(k, config.loss.prior_exponent))
   if config.loss.prior == "uniform":
@@ -101,8 +107,22 @@ def prior_from_config(config) -> np.ndarray:
   return prior
 
 
-def make_loss_fn(graphdef, prior: jax.Array, config):
-  """-> loss_fn(params, target, batch_stats, batch, rng) -> (loss, (metrics, batch_stats))."""
+def _prior_of(prior, batch):
+  """A prior baked into the step as a constant, or (prior=None) batch["prior"], a traced input."""
+  if prior is not None:
+    return prior
+  if "prior" not in batch:
+    raise KeyError('make_train_step(prior=None, ...) reads the prior from batch["prior"] '
+                   '([K] float32, replicated); the batch has only ' + ", ".join(sorted(batch)))
+  return batch["prior"]
+
+
+def make_loss_fn(graphdef, prior: jax.Array | None, config, *, with_aux: bool = False):
+  """-> loss_fn(params, target, batch_stats, batch, rng) -> (loss, (metrics, batch_stats)).
+
+  prior=None takes the prior from batch["prior"]. with_aux=True appends the loss's
+  diagnostic vectors (losses.pmsn_loss_with_aux) to the aux tuple: (metrics, batch_stats, aux).
+  """
   loss_kwargs = dict(
       temperature=config.loss.temperature, target_temperature=config.loss.target_temperature,
       sinkhorn_iters=config.loss.sinkhorn_iters, sinkhorn_marginal=config.loss.sinkhorn_marginal,
@@ -110,27 +130,42 @@ def make_loss_fn(graphdef, prior: jax.Array, config):
   mask_ratio = float(config.model.mask_ratio)
 
   def loss_fn(params, target, batch_stats, batch, rng):
+    cluster_prior = _prior_of(prior, batch)
     model = nnx.merge(graphdef, params, target, batch_stats, copy=True)
     anchors = model.anchor_projections(batch["anchor"], batch["focal"],
                                        mask_ratio=mask_ratio, rng=rng)
     targets = model.target_projections(batch["target"])
-    loss, metrics = losses.pmsn_loss(anchors, targets, model.prototypes(), prior, **loss_kwargs)
-    return loss, (metrics, nnx.state(model, nnx.BatchStat))
+    loss, metrics, aux = losses.pmsn_loss_with_aux(
+        anchors, targets, model.prototypes(), cluster_prior, **loss_kwargs)
+    batch_stats = nnx.state(model, nnx.BatchStat)
+    return loss, ((metrics, batch_stats, aux) if with_aux else (metrics, batch_stats))
 
   return loss_fn
 
 
-def make_train_step(graphdef, tx, schedules, prior: jax.Array, config):
-  """Returns train_step(state, batch) -> (state, metrics) for jax.jit."""
-  loss_fn = make_loss_fn(graphdef, prior, config)
+def make_train_step(graphdef, tx, schedules, prior: jax.Array | None, config, *,
+                    with_aux: bool = False):
+  """Returns train_step(state, batch) -> (state, metrics) for jax.jit.
+
+  prior: the [K] cluster prior as a constant of the compiled step, or None to read it from
+    batch["prior"] every step. As an input its value can change (prior = "fit" swaps the
+    uniform warm-up prior for the fitted one) without recompiling: only shape, dtype and
+    sharding are part of the compiled program.
+  with_aux: also return aux, the [K] prototype-usage vectors and [B] hard assignments of
+    losses.pmsn_loss_with_aux, plus batch["label"] as "labels" when the batch has it, for the
+    diagnostics at log steps: train_step(state, batch) -> (state, metrics, aux). Labels go
+    through the step so assignments and labels come back in the same global row order on every
+    host (both replicated by the caller's out_shardings).
+  """
+  loss_fn = make_loss_fn(graphdef, prior, config, with_aux=with_aux)
   base_key = jax.random.key(config.seed)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     # Masks are a pure function of (seed, step): resuming at step t replays them exactly.
     rng = jax.random.fold_in(base_key, state.step)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (_, (metrics, batch_stats)), grads = grad_fn(state.params, state.target, state.batch_stats,
-                                                 batch, rng)
+    (_, (metrics, batch_stats, *aux)), grads = grad_fn(state.params, state.target,
+                                                       state.batch_stats, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     momentum = schedules.ema_momentum(state.step)
@@ -140,6 +175,9 @@ def make_train_step(graphdef, tx, schedules, prior: jax.Array, config):
     new_state = state.replace(step=state.step + 1, params=params,
                               target=ema_update(state.target, params, momentum),
                               batch_stats=batch_stats, opt_state=opt_state)
-    return new_state, metrics
+    if not with_aux:
+      return new_state, metrics
+    aux = dict(aux[0], **({"labels": batch["label"]} if "label" in batch else {}))
+    return new_state, metrics, aux
 
   return train_step

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from pmsn_jax import checkpoint, metrics, sharding, step, validation
+from pmsn_jax import checkpoint, diagnostics, metrics, prior_fit, sharding, step, validation
 from pmsn_jax.data import pipeline, sampling, sources
 from pmsn_jax.evals import suite
 from pmsn_jax.models import vit
@@ -72,6 +72,19 @@ def describe(data, rows) -> str:
   empty = int((counts == 0).sum())
   return (f"{len(rows)} images in {data.num_classes} classes, class counts {shown}"
           + (f"; {empty} classes have no images" if empty else ""))
+
+
+def pretraining_class_counts(data, rows) -> np.ndarray:
+  """Images per class among the pretraining rows (a TFDS split: one pass over its labels)."""
+  if isinstance(data, sources.TfdsImages):
+    return data.class_counts()
+  return np.bincount(data.labels[rows], minlength=data.num_classes)
+
+
+def replicate(x, replicated) -> jax.Array:
+  """A host array that every process holds, as one replicated global array (multi-host safe)."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, replicated, lambda index: x[index])
 
 
 def say(message: str) -> None:
@@ -148,6 +161,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
               else train_split.subset(pretrain_rows))
   say(f"pretraining data ({config.data.source}): {describe(train_split, pretrain_rows)}")
   eval_data = load_eval_data(config, train_split, pretrain_rows) if config.eval.enabled else None
+  if eval_data is not None:
+    suite.check(eval_data, config)  # fail now, not after training (e.g. too few low-shot images)
 
   # ------------------------------------------------------------ model/optimizer
   vit_cfg = vit.vit_config_from(config)
@@ -171,15 +186,29 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
                                                                     state_shardings))
   start_step = int(jax.device_get(state.step))
 
+  # ------------------------------ the prior: fixed, or fitted from data (prior_fit.py)
+  # It enters the step as batch["prior"], an input, so a fitted prior never recompiles it.
+  priors = prior_fit.PriorTracker(
+      config, start_step=start_step, saved=prior_fit.load(workdir),
+      class_counts=lambda: pretraining_class_counts(train_split, pretrain_rows))
+  replicated = sharding.replicated(mesh)
+  prior = replicate(priors.prior, replicated)
+  if priors.fit is not None:
+    say(priors.fit.describe(config.model.num_prototypes))
+  elif priors.pending:
+    say(f"prior fit: uniform prior for the first {priors.warmup_steps} steps, then a power law "
+        f"fitted to the model's cluster sizes")
+
   # ------------------------------------------------ the step, compiled once, up front
   compile_start = time.perf_counter()
+  abstract_inputs = abstract_batch(config, batch_sharding, replicated)
   train_step = jax.jit(
-      step.make_train_step(graphdef, tx, scheds, step.prior_from_config(config), config),
-      in_shardings=(state_shardings, batch_sharding),
-      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      step.make_train_step(graphdef, tx, scheds, None, config, with_aux=True),
+      in_shardings=(state_shardings, {k: v.sharding for k, v in abstract_inputs.items()}),
+      out_shardings=(state_shardings, replicated, replicated),
       donate_argnums=0).lower(
           checkpoint.abstract_with_shardings(abstract_state, state_shardings),
-          abstract_batch(config, batch_sharding)).compile()
+          abstract_inputs).compile()
   say(compiled_summary(train_step) + f"; compiled in {time.perf_counter() - compile_start:.1f} s")
 
   # ---------------------------------------------------------------------- loop
@@ -192,13 +221,19 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   progress = metrics.Progress(start_step, config.total_steps, config.batch_size)
   skipped_images = 0  # unreadable images replaced by the pipeline (this process, this run)
   preemption = PreemptionWatch(ckpt.manager)
+  if priors.fit is not None:  # the fit made before training (or before a resume)
+    writer.write(start_step, priors.fit.scalars())
+    if jax.process_index() == 0:
+      prior_fit.save(workdir, priors.fit)
+  vectors_every = config.diagnostics.prototypes_every_steps or config.log_every_steps
 
   try:
     for current in range(start_step + 1, config.total_steps + 1):
       batch = next(batches)
       skipped_images += int(batch["skipped"].sum())
-      batch = sharding.to_global({k: batch[k] for k in ("target", "anchor", "focal")}, mesh)
-      state, step_metrics = train_step(state, batch)
+      batch = sharding.to_global({k: batch[k] for k in BATCH_KEYS}, mesh)
+      batch["prior"] = prior  # already on the devices: no transfer
+      state, step_metrics, step_aux = train_step(state, batch)
 
       log = current % config.log_every_steps == 0 or current == config.total_steps
       stop = preemption.requested(current)
@@ -215,8 +250,22 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
               f"{ckpt.latest_step()} (not overwritten). Lower optim.lr or check the data.")
       if log:
         scalars.update(progress.update(current), skipped_images=skipped_images)
+        # Prototype usage vs the prior: scalars to the writer, vectors to a JSONL file.
+        proto_scalars, proto_record = diagnostics.summarize(
+            current, jax.device_get(step_aux), priors.prior)
+        scalars.update(proto_scalars)
+        if (current % vectors_every == 0 or current == config.total_steps) and (
+            jax.process_index() == 0):
+          with open(os.path.join(workdir, diagnostics.PROTOTYPES_FILE), "a") as f:
+            f.write(json.dumps(proto_record) + "\n")
         writer.write(current, scalars)
         say(metrics.format_line(current, config.total_steps, scalars))
+      if priors.observe(current, step_aux):  # prior = "fit", "clusters": warm-up ends
+        prior = replicate(priors.prior, replicated)
+        if jax.process_index() == 0:
+          prior_fit.save(workdir, priors.fit)  # before any checkpoint that needs it to resume
+        writer.write(current, priors.fit.scalars())
+        say(priors.fit.describe(config.model.num_prototypes))
       if save:
         ckpt.save(current, state)
       if stop:
@@ -261,14 +310,22 @@ def peak_rss_mib() -> float:
   return peak / 2 ** 20 if os.uname().sysname == "Darwin" else peak / 2 ** 10
 
 
-def abstract_batch(config, batch_sharding) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shapes of the global batch the pipeline yields (what the step is compiled for)."""
+# What the step takes from each pipeline batch; "label" only feeds the diagnostics.
+BATCH_KEYS = ("target", "anchor", "focal", "label")
+
+
+def abstract_batch(config, batch_sharding, prior_sharding) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes of the global batch the step is compiled for: the pipeline's BATCH_KEYS, and the
+  cluster prior [K], replicated (an input, so that prior = "fit" can change its value)."""
   d, b = config.data, config.batch_size
   view = lambda *shape: jax.ShapeDtypeStruct((b, *shape), np.float32,  # noqa: E731
                                              sharding=batch_sharding)
   return {"target": view(d.image_size, d.image_size, d.channels),
           "anchor": view(d.image_size, d.image_size, d.channels),
-          "focal": view(d.num_focal, d.focal_size, d.focal_size, d.channels)}
+          "focal": view(d.num_focal, d.focal_size, d.focal_size, d.channels),
+          "label": jax.ShapeDtypeStruct((b,), np.int32, sharding=batch_sharding),
+          "prior": jax.ShapeDtypeStruct((config.model.num_prototypes,), np.float32,
+                                        sharding=prior_sharding)}
 
 
 def compiled_summary(compiled) -> str:

@@ -13,7 +13,8 @@ from pmsn_jax.data import sampling, sources
 from pmsn_jax.models import vit
 
 SOURCE_SCHEMES = tuple(form.split(":")[0] for form in sources.SOURCE_FORMS)
-PRIORS = ("power_law", "uniform", "custom")
+PRIORS = ("power_law", "uniform", "custom", "fit")
+PRIOR_FIT_SOURCES = ("labels", "clusters")  # prior_fit.FIT_SOURCES
 MARGINALS = ("prior", "uniform")
 KL_DIRECTIONS = ("mean_to_prior", "prior_to_mean")
 
@@ -164,6 +165,14 @@ def validate(config) -> None:
     _require(len(loss.custom_prior) == m.num_prototypes, "loss.custom_prior",
              f"<{len(loss.custom_prior)} values>",
              f"expected model.num_prototypes={m.num_prototypes} values")
+  _require(loss.prior_fit_source in PRIOR_FIT_SOURCES, "loss.prior_fit_source",
+           loss.prior_fit_source, f"expected one of {PRIOR_FIT_SOURCES}")
+  _positive_int(config, "loss.prior_fit_warmup_steps", allow_zero=True)
+  if loss.prior == "fit" and loss.prior_fit_source == "clusters":
+    _require(0 < loss.prior_fit_warmup_steps < config.total_steps,
+             "loss.prior_fit_warmup_steps", loss.prior_fit_warmup_steps,
+             f"expected 0 < steps < total_steps={config.total_steps} with prior_fit_source="
+             f"'clusters' (the uniform warm-up must end before training does)")
   _require(loss.sinkhorn_marginal in MARGINALS, "loss.sinkhorn_marginal",
            loss.sinkhorn_marginal, f"expected one of {MARGINALS}")
   _require(loss.kl_direction in KL_DIRECTIONS, "loss.kl_direction", loss.kl_direction,
@@ -172,6 +181,12 @@ def validate(config) -> None:
   for key in ("temperature", "target_temperature"):
     _require(loss[key] > 0, f"loss.{key}", loss[key], "expected > 0")
   _require(loss.reg_weight >= 0, "loss.reg_weight", loss.reg_weight, "expected >= 0")
+
+  _positive_int(config, "diagnostics.prototypes_every_steps", allow_zero=True)
+  every = config.diagnostics.prototypes_every_steps
+  _require(every % config.log_every_steps == 0, "diagnostics.prototypes_every_steps", every,
+           f"expected 0 or a multiple of log_every_steps={config.log_every_steps} (the vectors "
+           f"are fetched at log steps)")
 
   o = config.optim
   for key in ("lr", "start_lr", "final_lr", "weight_decay", "final_weight_decay", "grad_clip"):
@@ -190,3 +205,9 @@ def validate(config) -> None:
     _positive_int(config, f"eval.{key}", allow_zero=True)
   _require(e.knn_temperature > 0, "eval.knn_temperature", e.knn_temperature, "expected > 0")
   _require(e.linear_lr > 0, "eval.linear_lr", e.linear_lr, "expected > 0")
+  shots = tuple(e.get("lowshot_shots", ()))
+  _require(all(isinstance(k, int) and k > 0 for k in shots), "eval.lowshot_shots", shots,
+           "expected positive images-per-class counts, e.g. (1, 2, 5), or () for none")
+  if shots:
+    _positive_int(config, "eval.lowshot_splits")
+    _require(e.lowshot_l2 > 0, "eval.lowshot_l2", e.lowshot_l2, "expected > 0")

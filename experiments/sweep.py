@@ -1,0 +1,125 @@
+"""Runs a named plan of demo-scale experiments (one training run per row), resumably.
+
+  python experiments/sweep.py PLAN [--runs_dir=runs] [--parallel=1] [--dry_run]
+  python experiments/sweep.py --list
+
+Each run is `python -m pmsn_jax.main --config=configs/demo.py[:msn] --workdir=RUNS/PLAN/NAME
+<overrides>`; a run whose eval.json exists is skipped, a half-finished one resumes from its
+checkpoint (training resumes by itself). Next to each run the driver writes driver.json:
+{"command", "wall_s", "returncode", "finished"} — the report's CPU minutes come from there.
+Then `python -m pmsn_jax.report RUNS/PLAN/* --out=RUNS/PLAN/report` makes the tables and plots.
+
+Plans (issue 7; docs/results.md says which ran, how long they took, and what they showed):
+  prior_grid   MSN vs PMSN tau_p in {0.25, 0.5, 1} x Sinkhorn marginal in {prior, uniform,
+               off}, long-tailed Fashion-MNIST (imbalance 100), seed 0: 10 runs.
+  paired       MSN and PMSN (tau_p and marginal from --tau/--marginal), seeds 0..--seeds-1.
+  minibatch    balanced Fashion-MNIST, balanced vs skewed mini-batches, MSN and PMSN.
+  imbalance    imbalance {10, 100, 1000} x prototypes K {16, 64, 256, 1024}, MSN and PMSN,
+               short runs (--steps, default 500).
+Every run of a plan gets the same compute (steps x batch), so rows compare at equal cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MARGINALS = {"prior": ["--config.loss.sinkhorn_marginal=prior"],
+             "uniform": ["--config.loss.sinkhorn_marginal=uniform"],
+             "off": ["--config.loss.sinkhorn_iters=0"]}
+
+
+def pmsn(tau: float, marginal: str) -> list[str]:
+  return ["--config.loss.prior=power_law", f"--config.loss.prior_exponent={tau}",
+          *MARGINALS[marginal]]
+
+
+def plan_rows(plan: str, args) -> list[tuple[str, str, list[str]]]:
+  """-> [(run name, config arg, overrides)] for a plan."""
+  rows = []
+  if plan == "prior_grid":
+    rows.append(("msn_s0", "msn", ["--config.seed=0"]))
+    for tau in (0.25, 0.5, 1.0):
+      for marginal in MARGINALS:
+        rows.append((f"pmsn_tau{tau}_{marginal}_s0", "", pmsn(tau, marginal) + ["--config.seed=0"]))
+  elif plan == "paired":
+    for seed in range(args.seeds):
+      rows.append((f"msn_s{seed}", "msn", [f"--config.seed={seed}"]))
+      rows.append((f"pmsn_tau{args.tau}_{args.marginal}_s{seed}", "",
+                   pmsn(args.tau, args.marginal) + [f"--config.seed={seed}"]))
+  elif plan == "minibatch":
+    for skew in (0.0, args.skew):
+      for method, arg, extra in (("msn", "msn", []), ("pmsn", "", pmsn(args.tau, args.marginal))):
+        rows.append((f"{method}_skew{skew}_s0", arg,
+                     extra + ["--config.data.imbalance_ratio=1", "--config.seed=0",
+                              f"--config.data.batch_class_skew={skew}"]))
+  elif plan == "imbalance":
+    for ratio in (10, 100, 1000):
+      for k in (16, 64, 256, 1024):
+        common = [f"--config.data.imbalance_ratio={ratio}", f"--config.model.num_prototypes={k}",
+                  f"--config.total_steps={args.steps}", "--config.seed=0",
+                  f"--config.checkpoint_every_steps={args.steps}",
+                  f"--config.optim.warmup_steps={max(1, args.steps // 10)}"]
+        rows.append((f"msn_r{ratio}_k{k}", "msn", common))
+        rows.append((f"pmsn_r{ratio}_k{k}", "", common + pmsn(args.tau, args.marginal)))
+  else:
+    raise SystemExit(f"unknown plan {plan!r}; choose from prior_grid, paired, minibatch, "
+                     "imbalance (--list shows them).")
+  return rows
+
+
+def run_one(workdir: str, config_arg: str, overrides: list[str], dry_run: bool) -> str:
+  config = "configs/demo.py" + (f":{config_arg}" if config_arg else "")
+  command = [sys.executable, "-m", "pmsn_jax.main", f"--config={config}",
+             f"--workdir={workdir}", *overrides]
+  if os.path.exists(os.path.join(workdir, "eval.json")):
+    return f"skip (done) {workdir}"
+  if dry_run:
+    return " ".join(command)
+  os.makedirs(workdir, exist_ok=True)
+  start = time.time()
+  with open(os.path.join(workdir, "driver.log"), "a") as log:
+    returncode = subprocess.call(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+  record = {"command": " ".join(command[1:]), "wall_s": round(time.time() - start, 1),
+            "returncode": returncode, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                time.gmtime())}
+  with open(os.path.join(workdir, "driver.json"), "w") as f:
+    json.dump(record, f, indent=2)
+  return f"rc={returncode} {record['wall_s']:.0f}s {workdir}"
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("plan", nargs="?")
+  parser.add_argument("--list", action="store_true", help="print every plan's runs and exit")
+  parser.add_argument("--runs_dir", default=os.path.join(ROOT, "runs"))
+  parser.add_argument("--parallel", type=int, default=1,
+                      help="runs at a time (each uses all cores; >1 only on bigger machines)")
+  parser.add_argument("--dry_run", action="store_true")
+  parser.add_argument("--tau", type=float, default=0.25, help="PMSN tau_p (paired, ...)")
+  parser.add_argument("--marginal", choices=sorted(MARGINALS), default="prior")
+  parser.add_argument("--seeds", type=int, default=3)
+  parser.add_argument("--skew", type=float, default=0.8, help="batch_class_skew (minibatch)")
+  parser.add_argument("--steps", type=int, default=500, help="steps per run (imbalance)")
+  args = parser.parse_args()
+  plans = ("prior_grid", "paired", "minibatch", "imbalance") if args.list else (args.plan,)
+  if not plans[0]:
+    parser.error("name a plan, or --list")
+  for plan in plans:
+    rows = plan_rows(plan, args)
+    jobs = [(os.path.join(args.runs_dir, plan, name), arg, overrides, args.dry_run or args.list)
+            for name, arg, overrides in rows]
+    print(f"# {plan}: {len(jobs)} runs", flush=True)
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.parallel)) as pool:
+      for line in pool.map(lambda job: run_one(*job), jobs):
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,583 @@
+"""`python -m pmsn_jax.report RUN_DIR [RUN_DIR ...] --out DIR`: one markdown report of many runs.
+
+At demo scale one seed says little (seeds spread by ~1.6 k-NN points), so the results table
+groups runs whose configs differ only in `seed` and gives mean ± std over them; the plots show
+what the table hides: training curves, k-NN over steps, how prototype usage tracks the prior,
+and which classes (head or tail) the encoder serves. It reads only what train.py writes, with
+NumPy and matplotlib (no JAX), so it runs anywhere, on finished or still-running workdirs.
+
+What it reads in each RUN_DIR (only config.json is required; whatever else is missing is listed
+in the report instead of failing it):
+  config.json       the resolved config: the grouping key and the method label;
+  eval.json         the final evaluation (evals/suite.py): the table and the per-class plot;
+  metrics.jsonl     {"step", **scalars} per log step, and "eval/*" rows at evaluation steps;
+  prototypes.jsonl  {"step", "target_usage_sorted", "mean_prediction_sorted", "prior_sorted"}.
+What it writes in DIR: report.md, results.json (the table as rows) and the PNGs report.md links.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+
+import numpy as np
+
+USER_ERROR_EXIT = 2
+USAGE = "python -m pmsn_jax.report RUN_DIR [RUN_DIR ...] --out DIR"
+
+GROUP_IGNORED = ("seed",)  # runs whose configs differ only here are seeds of one method
+# Logged at every step but set by the config (schedules) or the machine, not learned.
+NOT_CURVES = ("step", "img_per_s", "eta_s", "skipped_images", "learning_rate", "weight_decay",
+              "ema_momentum")
+FIRST_CURVES = ("loss", "ce", "reg")
+# (id, column title): what the table shows of each eval.json, as fractions (shown in %).
+COLUMNS = (
+    ("knn_top1", "k-NN top-1"),
+    ("knn_lt_top1", "k-NN, long-tailed bank"),
+    ("linear_top1", "linear top-1"),
+    ("many_top1", "k-NN many-shot"),
+    ("medium_top1", "k-NN medium-shot"),
+    ("few_top1", "k-NN few-shot"),
+    ("balanced_top1", "k-NN balanced acc."),
+    ("random_init_knn_top1", "random-init k-NN"),
+)
+BALANCED_KEYS = ("balanced_top1", "balanced_accuracy", "knn_balanced_top1")
+PROTOTYPE_KEYS = (("target_usage_sorted", "Sinkhorn targets"),
+                  ("mean_prediction_sorted", "mean prediction p̄"),
+                  ("prior_sorted", "prior π"))
+LINESTYLES = ("-", "--", ":", "-.")
+CLASSIFIERS = {"knn": "k-NN", "linear": "linear"}  # eval.json's per_class_classifier
+# What the report loses without each optional input of a run.
+OPTIONAL_INPUTS = {
+    "eval.json": "not in the table (run unfinished, or eval.enabled=False)",
+    "metrics.jsonl": "no training curves",
+    "prototypes.jsonl": "no prototype-usage plot",
+}
+
+
+class RunDirError(ValueError):
+  """A RUN_DIR (or --out) the report cannot use; the message names the fix."""
+
+
+@dataclasses.dataclass
+class Run:
+  path: str                      # as given on the command line
+  config: dict
+  eval: dict | None = None
+  metrics: list[dict] = dataclasses.field(default_factory=list)
+  prototypes: dict | None = None  # the last line of prototypes.jsonl
+  missing: list[str] = dataclasses.field(default_factory=list)  # OPTIONAL_INPUTS not found
+  warnings: list[str] = dataclasses.field(default_factory=list)
+  method: str = ""               # its group's label, set by group_runs
+  label: str = ""                # method and seed, ditto
+  style: dict = dataclasses.field(default_factory=dict)  # matplotlib line style, ditto
+
+  @property
+  def seed(self):
+    return self.config.get("seed")
+
+
+@dataclasses.dataclass
+class Group:
+  label: str
+  runs: list[Run]
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  """One table entry: mean and sample std (ddof=1; None for one value) over n runs."""
+  mean: float
+  std: float | None
+  n: int
+
+
+# ------------------------------------------------------------------------------------- loading
+
+def _is_number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _read_json(path: str, fix: str):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except OSError as e:
+    raise RunDirError(f"{path} cannot be read ({e.strerror}); {fix}") from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise RunDirError(f"{path} is not valid JSON ({e}); {fix}") from None
+
+
+def _read_jsonl(path: str) -> tuple[list[dict], int]:
+  """Rows with a "step", and the number of unreadable lines (a live run may be mid-write)."""
+  rows, bad = [], 0
+  with open(path) as f:
+    for line in f:
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        bad += 1
+        continue
+      if isinstance(row, dict) and _is_number(row.get("step")):
+        rows.append(row)
+      else:
+        bad += 1
+  return rows, bad
+
+
+def load_run(path: str) -> Run:
+  """Reads one workdir; raises RunDirError only when it is not a run at all."""
+  if not os.path.isdir(path):
+    what = "is a file, not a directory" if os.path.exists(path) else "does not exist"
+    raise RunDirError(f"run dir {path} {what}; pass the --workdir of a pmsn_jax.main run")
+  config_path = os.path.join(path, "config.json")
+  if not os.path.isfile(config_path):
+    raise RunDirError(f"run dir {path} has no config.json, so it is not a pmsn_jax.main "
+                      f"workdir (or its run never started); pass the --workdir of a run")
+  config = _read_json(config_path, "pass the --workdir of a pmsn_jax.main run")
+  if not isinstance(config, dict):
+    raise RunDirError(f"{config_path} holds no config dict; pass the --workdir of a run")
+  run = Run(path=path, config=config)
+
+  eval_path = os.path.join(path, "eval.json")
+  if os.path.isfile(eval_path):
+    fix = "delete it and rerun the run's pmsn_jax.main command (it resumes and evaluates)"
+    run.eval = _read_json(eval_path, fix)
+    if not isinstance(run.eval, dict):
+      raise RunDirError(f"{eval_path} holds no results dict; {fix}")
+  else:
+    run.missing.append("eval.json")
+
+  metrics_path = os.path.join(path, "metrics.jsonl")
+  if os.path.isfile(metrics_path):
+    run.metrics, bad = _read_jsonl(metrics_path)
+    if bad:
+      run.warnings.append(f"{bad} unreadable line(s) of metrics.jsonl skipped")
+  else:
+    run.missing.append("metrics.jsonl")
+
+  prototypes_path = os.path.join(path, "prototypes.jsonl")
+  rows = _read_jsonl(prototypes_path)[0] if os.path.isfile(prototypes_path) else []
+  if rows:
+    run.prototypes = rows[-1]
+  else:
+    run.missing.append("prototypes.jsonl")
+  return run
+
+
+# ------------------------------------------------------------------------------------ grouping
+
+def flatten(config: dict, prefix: str = "") -> dict:
+  """{"loss": {"prior": ...}} -> {"loss.prior": ...}."""
+  out = {}
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict):
+      out.update(flatten(value, name + "."))
+    else:
+      out[name] = value
+  return out
+
+
+def _fmt(value) -> str:
+  return f"{value:g}" if _is_number(value) else str(value)
+
+
+def method_label(config: dict) -> str:
+  """"MSN" or e.g. "PMSN τ_p=0.25, Sinkhorn prior", from the loss keys (configs/common.py)."""
+  loss = config.get("loss", {})
+  prior = loss.get("prior")
+  marginal = "off" if loss.get("sinkhorn_iters") == 0 else loss.get("sinkhorn_marginal")
+  if prior == "uniform" and marginal == "uniform":
+    label = "MSN"
+  else:
+    name = {"power_law": f"PMSN τ_p={_fmt(loss.get('prior_exponent'))}",
+            "fit": "PMSN τ_p fitted", "uniform": "uniform prior",
+            "custom": "PMSN custom prior"}.get(prior, f"prior {prior}")
+    label = f"{name}, Sinkhorn {marginal}"
+  if loss.get("kl_direction", "mean_to_prior") != "mean_to_prior":
+    label += ", KL(π‖p̄)"
+  return label
+
+
+def _group_labels(configs: list[dict]) -> list[str]:
+  """Method labels, plus the config keys that tell apart groups sharing one (up to three)."""
+  methods = [method_label(c) for c in configs]
+  flats = [flatten(c) for c in configs]
+  labels = []
+  for i, method in enumerate(methods):
+    same = [j for j, m in enumerate(methods) if m == method]
+    if len(same) == 1:
+      labels.append(method)
+      continue
+    keys = sorted(k for k in set().union(*(flats[j] for j in same))
+                  if k not in GROUP_IGNORED
+                  and len({json.dumps(flats[j].get(k)) for j in same}) > 1)
+    shown = ", ".join(f"{k}={_fmt(flats[i].get(k))}" for k in keys[:3])
+    labels.append(f"{method} ({shown}{', …' if len(keys) > 3 else ''})")
+  return labels
+
+
+def group_runs(runs: list[Run]) -> list[Group]:
+  """Groups runs by config minus GROUP_IGNORED (first-seen order); labels and styles runs:
+  one colour per group, one line style per seed."""
+  members: dict[str, list[Run]] = {}
+  for run in runs:
+    key = {k: v for k, v in flatten(run.config).items() if k not in GROUP_IGNORED}
+    members.setdefault(json.dumps(key, sort_keys=True, default=str), []).append(run)
+  groups = [Group(label, group_members) for label, group_members in
+            zip(_group_labels([m[0].config for m in members.values()]), members.values())]
+  seen = set()
+  for g, group in enumerate(groups):
+    for s, run in enumerate(group.runs):
+      run.method, run.label = group.label, f"{group.label}, seed {run.seed}"
+      if run.label in seen:  # the same config and seed twice
+        run.label += f" [{os.path.basename(os.path.normpath(run.path))}]"
+      seen.add(run.label)
+      run.style = {"color": f"C{g % 10}", "linestyle": LINESTYLES[s % len(LINESTYLES)]}
+  return groups
+
+
+# --------------------------------------------------------------------------------- aggregation
+
+def balanced_accuracy(result: dict):
+  """eval.json's balanced accuracy, else the mean of its per-class accuracies (the k-NN's)."""
+  for key in BALANCED_KEYS:
+    if _is_number(result.get(key)):
+      return result[key]
+  per_class = [a for a in result.get("per_class_top1") or () if _is_number(a)]
+  return float(np.mean(per_class)) if per_class else None
+
+
+def lowshot_numbers(lowshot) -> dict[str, float]:
+  """{images per class: mean accuracy over label splits} from eval.json's "lowshot".
+
+  Accepts {n: accuracy | [accuracy per split] | {"mean": ...} | {"accuracies": [...]}}: the
+  evaluator that writes it is newer than this report, and a layout it does not know is skipped.
+  """
+  if not isinstance(lowshot, dict):
+    return {}
+  out = {}
+  for shots, value in lowshot.items():
+    if isinstance(value, dict):
+      value = next((value[k] for k in ("mean", "top1_mean", "top1", "accuracy") if k in value),
+                   value.get("accuracies", value.get("splits")))
+    if isinstance(value, list) and value and all(_is_number(v) for v in value):
+      value = float(np.mean(value))
+    if _is_number(value):
+      out[str(shots)] = float(value)
+  return out
+
+
+def eval_numbers(result: dict) -> dict[str, float]:
+  """The table's numbers in one eval.json: COLUMNS ids plus "lowshot_<n>", where present."""
+  groups = result.get("groups") or {}
+  numbers = {key: result.get(key) for key in
+             ("knn_top1", "knn_lt_top1", "linear_top1", "random_init_knn_top1")}
+  numbers.update({f"{g}_top1": groups.get(g) for g in ("many", "medium", "few")})
+  numbers["balanced_top1"] = balanced_accuracy(result)
+  numbers.update({f"lowshot_{shots}": v
+                  for shots, v in lowshot_numbers(result.get("lowshot")).items()})
+  return {k: float(v) for k, v in numbers.items() if _is_number(v)}
+
+
+def aggregate(runs: list[Run]) -> dict[str, Cell]:
+  """Mean ± sample std over the runs with an eval.json, per number; absent numbers skipped."""
+  per_run = [eval_numbers(run.eval) for run in runs if run.eval is not None]
+  cells = {}
+  for key in set().union(*per_run):
+    values = [numbers[key] for numbers in per_run if key in numbers]
+    cells[key] = Cell(float(np.mean(values)),
+                      float(np.std(values, ddof=1)) if len(values) > 1 else None, len(values))
+  return cells
+
+
+def format_cell(cell: Cell | None, runs: int) -> str:
+  """"81.00 ± 1.41" (%); "—" when absent; "(n=k)" when only k of the group's runs have it."""
+  if cell is None:
+    return "—"
+  text = f"{100 * cell.mean:.2f}" + ("" if cell.std is None else f" ± {100 * cell.std:.2f}")
+  return text + (f" (n={cell.n})" if cell.n < runs else "")
+
+
+def _lowshot_columns(runs: list[Run]) -> list[tuple[str, str]]:
+  shots = {s for run in runs if run.eval for s in lowshot_numbers(run.eval.get("lowshot"))}
+  ordered = sorted(shots, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+  return [(f"lowshot_{s}", f"low-shot {s}/class" if s.isdigit() else f"low-shot {s}")
+          for s in ordered]
+
+
+def results_table(groups: list[Group]) -> tuple[list[str], list[dict]]:
+  """The markdown table, and the same as rows for results.json."""
+  columns = list(COLUMNS) + _lowshot_columns([r for g in groups for r in g.runs])
+  lines = ["| method | seeds | " + " | ".join(title for _, title in columns) + " |",
+           "|---|---|" + "---:|" * len(columns)]
+  rows = []
+  for group in groups:
+    evaluated = [run for run in group.runs if run.eval is not None]
+    seeds = [run.seed for run in evaluated]
+    cells = aggregate(group.runs)
+    lines.append(f"| {group.label} | {len(seeds)} ({', '.join(map(str, seeds))}) | "
+                 + " | ".join(format_cell(cells.get(key), len(evaluated)) for key, _ in columns)
+                 + " |")
+    loss = group.runs[0].config.get("loss", {})
+    row = {"method": group.label, "prior": loss.get("prior"),
+           "prior_exponent": loss.get("prior_exponent"),
+           "sinkhorn_marginal": ("off" if loss.get("sinkhorn_iters") == 0
+                                 else loss.get("sinkhorn_marginal")),
+           "seeds": seeds, "runs": [run.path for run in group.runs]}
+    for key, _ in columns:
+      cell = cells.get(key)
+      row.update({f"{key}_mean": cell.mean if cell else None,
+                  f"{key}_std": cell.std if cell else None, f"{key}_n": cell.n if cell else 0})
+    rows.append(row)
+  return lines, rows
+
+
+# ---------------------------------------------------------------------------------------- plots
+# Each plot_* writes one PNG, or none when it has nothing to draw; it returns a note for the
+# reader (why nothing was drawn, or what the plot lacks) or None.
+
+def _panels(count: int, ncols: int = 3, size=(4.4, 3.2)):
+  """A figure of `count` panels in a grid (pyplot-free: no backend, no global state)."""
+  from matplotlib.figure import Figure  # here, so that `import pmsn_jax.report` stays light
+  ncols = max(1, min(ncols, count))
+  nrows = math.ceil(count / ncols)
+  fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
+  axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+  for ax in axes[count:]:
+    ax.set_visible(False)
+  return fig, axes[:count]
+
+
+def series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+  """(steps, values) of `key`, sorted by step; a step logged twice (resumed run) keeps the
+  last value."""
+  points = {int(row["step"]): float(row[key]) for row in rows if _is_number(row.get(key))}
+  steps = np.array(sorted(points), dtype=np.int64)
+  return steps, np.array([points[s] for s in steps], dtype=np.float64)
+
+
+def plot_training_curves(runs: list[Run], path: str) -> str | None:
+  names = {k for run in runs for row in run.metrics for k, v in row.items()
+           if _is_number(v) and k not in NOT_CURVES and not k.startswith("eval/")}
+  if not names:
+    return "no run has training metrics in metrics.jsonl"
+  names = [n for n in FIRST_CURVES if n in names] + sorted(names - set(FIRST_CURVES))
+  fig, axes = _panels(len(names), ncols=4)
+  for ax, name in zip(axes, names):
+    for run in runs:
+      steps, values = series(run.metrics, name)
+      if steps.size:
+        ax.plot(steps, values, label=run.label, **run.style)
+    ax.set(title=name, xlabel="step")
+  axes[0].legend(fontsize="x-small")
+  fig.savefig(path, dpi=100)
+  return None
+
+
+def plot_knn_over_steps(runs: list[Run], path: str) -> str | None:
+  keys = (("eval/knn_top1", "k-NN top-1 (%)"), ("eval/knn_lt_top1", "k-NN top-1, long-tailed "
+                                                                    "bank (%)"))
+  if not any(series(run.metrics, keys[0][0])[0].size >= 2 for run in runs):
+    return ("no mid-training evaluations in metrics.jsonl (train with "
+            "--config.eval_every_steps=N to get them)")
+  fig, axes = _panels(len(keys), ncols=2)
+  for ax, (key, title) in zip(axes, keys):
+    for run in runs:
+      steps, values = series(run.metrics, key)
+      if steps.size:
+        ax.plot(steps, 100 * values, marker="o", label=run.label, **run.style)
+    ax.set(title=title, xlabel="step")
+  axes[0].legend(fontsize="x-small")
+  fig.savefig(path, dpi=100)
+  return None
+
+
+def plot_prototype_usage(runs: list[Run], path: str) -> str | None:
+  runs = [run for run in runs if run.prototypes]
+  if not runs:
+    return "no run has prototypes.jsonl"
+  fig, axes = _panels(len(runs))
+  for ax, run in zip(axes, runs):
+    for key, name in PROTOTYPE_KEYS:
+      values = run.prototypes.get(key)
+      if isinstance(values, list) and values:  # zero usage has no place on a log axis: left out
+        values = np.array([v if _is_number(v) else np.nan for v in values], np.float64)
+        ax.loglog(np.arange(1, values.size + 1), np.where(values > 0, values, np.nan),
+                  label=name, linestyle="--" if key == "prior_sorted" else "-")
+    ax.set(title=f"{run.label}\nstep {run.prototypes.get('step')}", xlabel="prototype rank",
+           ylabel="share of assignments")
+    ax.title.set_fontsize("small")
+    ax.legend(fontsize="x-small")
+  fig.savefig(path, dpi=100)
+  return None
+
+
+def _per_class(runs: list[Run]):
+  """-> (mean, std or None, counts or None) per class over the runs with per-class data."""
+  tables = [run.eval["per_class_top1"] for run in runs
+            if run.eval and isinstance(run.eval.get("per_class_top1"), list)]
+  tables = [t for t in tables if len(t) == len(tables[0])] if tables else []
+  if not tables:
+    return None, None, None
+  acc = np.array([[a if _is_number(a) else np.nan for a in t] for t in tables], np.float64)
+  present = np.isfinite(acc)
+  n = present.sum(axis=0)
+  mean = np.where(n > 0, np.where(present, acc, 0).sum(axis=0) / np.maximum(n, 1), np.nan)
+  std = None
+  if len(tables) > 1:
+    dev = np.where(present, acc - mean, 0) ** 2
+    std = np.where(n > 1, np.sqrt(dev.sum(axis=0) / np.maximum(n - 1, 1)), np.nan)
+  counts = next((run.eval.get("pretrain_class_counts") for run in runs if run.eval), None)
+  ok = (isinstance(counts, list) and len(counts) == len(mean)
+        and all(_is_number(c) for c in counts))
+  return mean, std, np.asarray(counts, np.float64) if ok else None
+
+
+def plot_per_class(groups: list[Group], path: str) -> str | None:
+  """Accuracy per class, head to tail, with the pretraining counts above; one line per group
+  (mean over seeds, shaded ± std)."""
+  curves = [(g, group.label, *_per_class(group.runs)) for g, group in enumerate(groups)]
+  curves = [curve for curve in curves if curve[2] is not None]
+  if not curves:
+    return "no eval.json holds per_class_top1"
+  unsorted = [label for _, label, _, _, counts in curves if counts is None]
+  with_counts = len(unsorted) < len(curves)
+  fig, axes = _panels(2 if with_counts else 1, ncols=1, size=(9.0, 3.2))
+  orders = []
+  for g, label, mean, std, counts in curves:
+    order = np.arange(len(mean)) if counts is None else np.argsort(-counts, kind="stable")
+    orders.append(order)
+    rank = np.arange(len(mean))
+    style = {"color": f"C{g % 10}", "marker": "o" if len(mean) <= 30 else None, "label": label}
+    if counts is not None:  # an empty class has no log: left out
+      axes[0].plot(rank, np.where(counts > 0, counts, np.nan)[order], **style)
+    axes[-1].plot(rank, 100 * mean[order], **style)
+    if std is not None:
+      axes[-1].fill_between(rank, 100 * (mean - std)[order], 100 * (mean + std)[order],
+                            color=style["color"], alpha=0.2)
+  if len(orders[0]) <= 30 and all(np.array_equal(o, orders[0]) for o in orders):
+    for ax in axes:
+      ax.set_xticks(np.arange(len(orders[0])), [str(c) for c in orders[0]])
+  if with_counts:
+    axes[0].set(title="pretraining images per class", yscale="log")
+  classifier = next((r.eval.get("per_class_classifier") for g in groups for r in g.runs
+                     if r.eval and r.eval.get("per_class_classifier")), "knn")
+  axes[-1].set(title=f"per-class top-1 of the {CLASSIFIERS.get(classifier, classifier)} "
+                     f"classifier (%)", ylim=(-2, 102),
+               xlabel=("class, from most to fewest pretraining images" if with_counts
+                       else "class, in index order (pretraining counts missing)"))
+  axes[-1].legend(fontsize="x-small")
+  fig.savefig(path, dpi=100)
+  return (f"pretraining class counts missing for {', '.join(unsorted)}: classes in index order"
+          if unsorted else None)
+
+
+# ------------------------------------------------------------------------------------- markdown
+
+FIGURES = (  # (file, title, what it shows)
+    ("training_curves.png", "Training curves",
+     "Every learned scalar of metrics.jsonl against the step, one line per run (colour: "
+     "method, line style: seed). Schedules and throughput are left out."),
+    ("knn_over_steps.png", "k-NN over steps",
+     "k-NN top-1 on the balanced test set at each evaluation during training, with the "
+     "balanced train split and the long-tailed pretraining subset as banks."),
+    ("prototype_usage.png", "Prototype usage vs prior",
+     "Last line of prototypes.jsonl, log-log: the share of the batch each prototype takes in "
+     "the Sinkhorn targets and in the mean prediction p̄, sorted, against the sorted prior π."),
+    ("per_class_accuracy.png", "Per-class accuracy",
+     "Per-class top-1 (mean over seeds, shaded ± std), classes ordered from the most to the "
+     "fewest pretraining images, with those counts above: does the tail pay for the head?"),
+)
+
+
+def write_report(runs: list[Run], out: str) -> str:
+  """Writes out/report.md, out/results.json and the PNGs; returns report.md's path."""
+  try:
+    os.makedirs(out, exist_ok=True)
+  except OSError as e:
+    raise RunDirError(f"--out={out} cannot be created ({e.strerror}); pick a writable "
+                      f"directory") from None
+  groups = group_runs(runs)
+  table, rows = results_table(groups)
+  plots = {"training_curves.png": lambda p: plot_training_curves(runs, p),
+           "knn_over_steps.png": lambda p: plot_knn_over_steps(runs, p),
+           "prototype_usage.png": lambda p: plot_prototype_usage(runs, p),
+           "per_class_accuracy.png": lambda p: plot_per_class(groups, p)}
+
+  lines = ["# PMSN report", "",
+           f"{len(runs)} run(s) in {len(groups)} group(s): runs whose configs differ only in "
+           f"`seed` are one group.", "",
+           "| run dir | method | seed | last logged step | missing inputs |",
+           "|---|---|---|---:|---|"]
+  for run in runs:
+    last = max((int(row["step"]) for row in run.metrics), default=None)
+    lines.append(f"| `{run.path}` | {run.method} | {run.seed} | "
+                 f"{'—' if last is None else last} | {', '.join(run.missing) or '—'} |")
+  lines += ["", "## Results", "",
+            "Top-1 in % on the balanced test set: mean ± sample std (ddof = 1) over the seeds "
+            "of each group; (n=k) when only k of its runs have that number, — when none does. "
+            "Shot groups are classes with > 100 / 20–100 / < 20 pretraining images; k-NN "
+            "balanced acc. is eval.json's when it has one, else the mean of its per-class k-NN "
+            "accuracy.",
+            "", *table, ""]
+  notes = [f"`{run.path}`: no {name}: {OPTIONAL_INPUTS[name]}"
+           for run in runs for name in run.missing]
+  notes += [f"`{run.path}`: {warning}" for run in runs for warning in run.warnings]
+  if not _lowshot_columns(runs):
+    notes.append("no eval.json holds `lowshot`: no low-shot columns")
+  for name, title, about in FIGURES:
+    path = os.path.join(out, name)
+    if os.path.exists(path):  # a PNG of an earlier report in the same --out must not linger
+      os.remove(path)
+    note = plots[name](path)
+    lines += [f"## {title}", "", about, ""]
+    if note:
+      notes.append(f"{title}: {note}")
+      lines += [f"*{note}.*", ""]
+    if os.path.exists(path):
+      lines += [f"![{title}]({name})", ""]
+  lines += ["## Missing inputs", ""] + [f"- {n}" for n in notes or ["none"]] + [""]
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump(rows, f, indent=2)
+  report_path = os.path.join(out, "report.md")
+  with open(report_path, "w") as f:
+    f.write("\n".join(lines))
+  return report_path
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):  # one line and exit status 2, like pmsn_jax.main
+    self.exit(USER_ERROR_EXIT, f"error: {message}; usage: {USAGE}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = _Parser(prog="python -m pmsn_jax.report", description=__doc__.splitlines()[0])
+  parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                      help="workdirs of pmsn_jax.main runs (seeds of one config are grouped)")
+  parser.add_argument("--out", required=True, help="directory for report.md and its PNGs")
+  args = parser.parse_args(argv)
+  try:
+    paths = [os.path.realpath(p) for p in args.run_dirs]
+    twice = next((p for p, r in zip(args.run_dirs, paths) if paths.count(r) > 1), None)
+    if twice:
+      raise RunDirError(f"run dir {twice} is given twice; pass each run once (a seed counted "
+                        f"twice would shrink the std)")
+    report_path = write_report([load_run(p) for p in args.run_dirs], args.out)
+  except RunDirError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return USER_ERROR_EXIT
+  print(f"wrote {report_path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
