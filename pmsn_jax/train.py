@@ -341,7 +341,7 @@ def compiled_summary(compiled) -> str:
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   if cost and "flops" in cost:
     parts.append(f"{cost['flops'] / 1e9:.1f} GFLOP per step per device as XLA counts them "
-                 f"(a scanned block counted once; benchmarks/train_step.py counts all)")
+                 f"(scanned blocks, as on TPU, count once; benchmarks/train_step.py counts all)")
   return "compiled train step: " + "; ".join(parts or ["no analysis from this backend"])
 
 

@@ -7,9 +7,12 @@ Two things set it apart from a plain ViT:
     bicubically resized at trace time for the smaller focal crops (shapes are static, so this
     costs nothing per step).
 
-The transformer blocks are stacked and applied with `nnx.scan`: on XLA:CPU an unrolled loop
-made backward fusion grow with depth^2 (~1.5x slower, 2-3x longer compiles; ENVIRONMENT.md),
-and on accelerators a scan keeps compile time flat in depth.
+The transformer blocks are stacked (one parameter tree with a leading depth axis, which is
+what the sharding rules and checkpoints see) and applied with `nnx.scan`, fully unrolled except
+on TPU (`vit_config_from`): unrolled, XLA drops the scan's stacked residual buffers and their
+per-iteration slicing, which measured faster on CPU and GPU; rolled, compile time stays flat in
+depth. (An earlier probe on CPU found unrolling 1.5x slower; with this code it is faster, see
+docs/performance.md.)
 
 Several views of different resolutions can go through one call (`encode_groups`): their tokens
 share every per-token layer (LayerNorm, qkv, proj, MLP) as one [tokens, width] matrix, and only
@@ -95,9 +98,10 @@ def vit_config_from(config) -> ViTConfig:
   if size["width"] % size["num_heads"]:
     raise ValueError(f"model width {size['width']} is not divisible by num_heads "
                      f"{size['num_heads']}.")
-  # GPUs run the unrolled block loop 1.35x faster (ViT-B/16 on an H200, docs/performance.md);
-  # XLA:CPU needs the scan (see the module docstring), and on TPU it keeps compiles short.
-  unroll = size["depth"] if jax.default_backend() == "gpu" else 1
+  # The unrolled block loop is faster where measured (docs/performance.md): ViT-B/16 on an
+  # H200 1.35x, Ti/16 on the 2-core CPU ~1.2x, S/16 ~1.1x, for 30-60% longer compiles. On TPU
+  # the scan keeps compile time flat in depth for the large models pods train.
+  unroll = 1 if jax.default_backend() == "tpu" else size["depth"]
   return ViTConfig(**size, patch_size=patch, image_size=image_size,
                    channels=config.data.channels, scan_unroll=unroll, dtype=dtype,
                    remat=bool(model_cfg.get("remat", False)))
