@@ -28,6 +28,20 @@ _LN_EPS = 1e-5  # torch.nn.LayerNorm default, used by the official MSN LinearCla
 _PREDICT_CHUNK = 4096  # Bounds the [chunk, num_classes] logits (iNat18: 8142 classes).
 
 
+def predict_in_chunks(predict, params, features) -> np.ndarray:
+  """predict(params, [chunk, D]) -> labels, over all rows in fixed-size chunks.
+
+  The last chunk is zero-padded, so the jitted `predict` compiles once for any row count.
+  """
+  num = features.shape[0]
+  chunk = max(1, min(_PREDICT_CHUNK, num))
+  preds = []
+  for start in range(0, num, chunk):
+    block = features[start:start + chunk]
+    preds.append(predict(params, np.pad(block, ((0, chunk - block.shape[0]), (0, 0)))))
+  return np.concatenate([np.asarray(p) for p in preds] or [np.zeros((0,), np.int32)])[:num]
+
+
 def _init_params(key, dim, num_classes):
   return {
       "norm": {"scale": jnp.ones((dim,)), "bias": jnp.zeros((dim,))},
@@ -135,11 +149,4 @@ def linear_probe(train_features, train_labels, test_features, *, num_classes, ep
                                         learning_rate=learning_rate, momentum=momentum,
                                         total_steps=epochs * steps)
 
-  num_test = test_features.shape[0]
-  chunk = max(1, min(_PREDICT_CHUNK, num_test))
-  preds = []
-  for start in range(0, num_test, chunk):
-    block = test_features[start:start + chunk]
-    block = np.pad(block, ((0, chunk - block.shape[0]), (0, 0)))  # One shape, one compile.
-    preds.append(_predict(params, block))
-  return np.concatenate([np.asarray(p) for p in preds] or [np.zeros((0,), np.int32)])[:num_test]
+  return predict_in_chunks(_predict, params, test_features)

@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from pmsn_jax.evals import classwise, knn
+from pmsn_jax.evals import classwise, knn, linear
 
 # lambda of mean CE + (lambda / 2) ||W||^2 on unit-norm features. A few-shot problem is
 # separable, so only lambda keeps ||W|| finite; the condition number grows like 1 / lambda as
@@ -42,7 +42,6 @@ from pmsn_jax.evals import classwise, knn
 DEFAULT_L2 = 1e-3
 DEFAULT_STEPS = 1000  # L-BFGS iteration cap; the fit stops earlier at DEFAULT_TOL.
 DEFAULT_TOL = 1e-5    # On the gradient norm; float32 objectives stall not far below it.
-_PREDICT_CHUNK = 4096  # Bounds the [chunk, num_classes] logits (iNat18: 8142 classes).
 
 
 def _normalize(x, xp=jnp):
@@ -147,14 +146,7 @@ def logistic_regression(train_features, train_labels, test_features, *, num_clas
   if not info["grad_norm"] < tol:
     logging.warning("low-shot logistic regression stopped after %d L-BFGS steps with gradient "
                     "norm %.2e (tolerance %.0e)", info["steps"], info["grad_norm"], tol)
-  num_test = test_features.shape[0]
-  chunk = max(1, min(_PREDICT_CHUNK, num_test))
-  preds = []
-  for start in range(0, num_test, chunk):
-    block = test_features[start:start + chunk]
-    block = np.pad(block, ((0, chunk - block.shape[0]), (0, 0)))  # One shape, one compile.
-    preds.append(_predict(params, block))
-  return np.concatenate([np.asarray(p) for p in preds] or [np.zeros((0,), np.int32)])[:num_test]
+  return linear.predict_in_chunks(_predict, params, test_features)
 
 
 def check_shots(train_labels, num_classes, shots) -> None:
