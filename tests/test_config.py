@@ -83,6 +83,11 @@ def test_official_recipes_match_method_md():
     ("optim.ema_momentum", 1.5, "optim.ema_momentum"),
     ("optim.schedule_horizon_factor", 0.5, "optim.schedule_horizon_factor"),
     ("eval.knn_k", 0, "eval.knn_k"),
+    ("eval.lowshot_shots", (0, 2), "eval.lowshot_shots"),
+    ("eval.lowshot_l2", 0.0, "eval.lowshot_l2"),
+    ("compute_dtype", "float16", "compute_dtype"),
+    ("loss.prior_fit_source", "guess", "loss.prior_fit_source"),
+    ("diagnostics.prototypes_every_steps", 150, "diagnostics.prototypes_every_steps"),
 ])
 def test_bad_values_fail_with_the_key_named(key, value, match):
   config = load("demo")
