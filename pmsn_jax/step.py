@@ -117,11 +117,12 @@ def _prior_of(prior, batch):
   return batch["prior"]
 
 
-def make_loss_fn(graphdef, prior: jax.Array | None, config, *, with_aux: bool = False):
-  """-> loss_fn(params, target, batch_stats, batch, rng) -> (loss, (metrics, batch_stats)).
+def make_loss_fn(graphdef, prior: jax.Array | None, config):
+  """-> loss_fn(params, target, batch_stats, batch, rng)
+        -> (loss, (metrics, batch_stats, aux)).
 
-  prior=None takes the prior from batch["prior"]. with_aux=True appends the loss's
-  diagnostic vectors (losses.pmsn_loss_with_aux) to the aux tuple: (metrics, batch_stats, aux).
+  prior=None takes the prior from batch["prior"]. aux holds the loss's diagnostic vectors
+  (losses.pmsn_loss_with_aux); under jit they cost nothing where unused.
   """
   loss_kwargs = dict(
       temperature=config.loss.temperature, target_temperature=config.loss.target_temperature,
@@ -138,7 +139,7 @@ def make_loss_fn(graphdef, prior: jax.Array | None, config, *, with_aux: bool = 
     loss, metrics, aux = losses.pmsn_loss_with_aux(
         anchors, targets, model.prototypes(), cluster_prior, **loss_kwargs)
     batch_stats = nnx.state(model, nnx.BatchStat)
-    return loss, ((metrics, batch_stats, aux) if with_aux else (metrics, batch_stats))
+    return loss, (metrics, batch_stats, aux)
 
   return loss_fn
 
@@ -157,15 +158,15 @@ def make_train_step(graphdef, tx, schedules, prior: jax.Array | None, config, *,
     through the step so assignments and labels come back in the same global row order on every
     host (both replicated by the caller's out_shardings).
   """
-  loss_fn = make_loss_fn(graphdef, prior, config, with_aux=with_aux)
+  loss_fn = make_loss_fn(graphdef, prior, config)
   base_key = jax.random.key(config.seed)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     # Masks are a pure function of (seed, step): resuming at step t replays them exactly.
     rng = jax.random.fold_in(base_key, state.step)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (_, (metrics, batch_stats, *aux)), grads = grad_fn(state.params, state.target,
-                                                       state.batch_stats, batch, rng)
+    (_, (metrics, batch_stats, aux)), grads = grad_fn(state.params, state.target,
+                                                      state.batch_stats, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     momentum = schedules.ema_momentum(state.step)
@@ -177,7 +178,7 @@ def make_train_step(graphdef, tx, schedules, prior: jax.Array | None, config, *,
                               batch_stats=batch_stats, opt_state=opt_state)
     if not with_aux:
       return new_state, metrics
-    aux = dict(aux[0], **({"labels": batch["label"]} if "label" in batch else {}))
+    aux = dict(aux, **({"labels": batch["label"]} if "label" in batch else {}))
     return new_state, metrics, aux
 
   return train_step
