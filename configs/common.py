@@ -120,6 +120,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval.linear_epochs = 100
   c.eval.linear_lr = 6.4
   c.eval.linear_batch_size = 256
+  # Shot groups by pretraining images per class: many > shot_thresholds[0] >= medium >=
+  # shot_thresholds[1] > few. (100, 20) is the OLTR / ImageNet-LT / iNat18 convention; small
+  # datasets whose rarest class has >= 20 images need their own (the demo uses (1000, 200)).
+  c.eval.shot_thresholds = (100, 20)
   # Low-shot (evals/lowshot.py): logistic regression on k labelled train images per class, k in
   # lowshot_shots (() turns it off), over lowshot_splits label splits. The splits are seeded by
   # lowshot_seed, not c.seed, so runs with different training seeds are scored on the same

@@ -60,6 +60,9 @@ def get_config(arg=None):
   c.eval.batch_size = 1024
   c.eval.linear_epochs = 10
   c.eval.linear_lr = 1.0
+  # Class counts run 6000 ... 60: the OLTR thresholds (100, 20) would leave "few" empty. Ten
+  # times them gives 4 many (>1000), 3 medium (278-774) and 3 few (60-166) classes.
+  c.eval.shot_thresholds = (1000, 200)
 
   if "smoke" in args:
     c.batch_size = 64

@@ -12,7 +12,8 @@ in the report instead of failing it):
   eval.json         the final evaluation (evals/suite.py): the table and the per-class plot;
   metrics.jsonl     {"step", **scalars} per log step, and "eval/*" rows at evaluation steps;
   prototypes.jsonl  {"step", "target_usage_sorted", "mean_prediction_sorted", "prior_sorted"}.
-What it writes in DIR: report.md, results.json (the table as rows) and the PNGs report.md links.
+What it writes in DIR: report.md, results.json (the table as rows), paired.json (PMSN − MSN over
+shared seeds with 95% intervals, pmsn_jax/paired.py) and the PNGs report.md links.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import sys
 
 import numpy as np
 
-from pmsn_jax import report_plots
+from pmsn_jax import paired, report_plots
 
 USER_ERROR_EXIT = 2
 USAGE = "python -m pmsn_jax.report RUN_DIR [RUN_DIR ...] --out DIR"
@@ -352,7 +353,8 @@ FIGURES = (  # (file, title, what it shows)
 
 
 def write_report(runs: list[Run], out: str) -> str:
-  """Writes out/report.md, out/results.json and the PNGs; returns report.md's path."""
+  """Writes out/report.md, out/results.json, out/paired.json and the PNGs; returns report.md's
+  path."""
   try:
     os.makedirs(out, exist_ok=True)
   except OSError as e:
@@ -360,6 +362,9 @@ def write_report(runs: list[Run], out: str) -> str:
                       f"directory") from None
   groups = group_runs(runs)
   table, rows = results_table(groups)
+  pairs = paired.paired_rows(
+      groups, lambda run: eval_numbers(run.eval) if run.eval is not None else None, flatten,
+      lambda group: method_label(group.runs[0].config) == "MSN")
   plots = {"training_curves.png": lambda p: report_plots.plot_training_curves(runs, p),
            "knn_over_steps.png": lambda p: report_plots.plot_knn_over_steps(runs, p),
            "prototype_usage.png": lambda p: report_plots.plot_prototype_usage(runs, p),
@@ -377,10 +382,17 @@ def write_report(runs: list[Run], out: str) -> str:
   lines += ["", "## Results", "",
             "Top-1 in % on the balanced test set: mean ± sample std (ddof = 1) over the seeds "
             "of each group; (n=k) when only k of its runs have that number, — when none does. "
-            "Shot groups are classes with > 100 / 20–100 / < 20 pretraining images; k-NN "
-            "balanced acc. is eval.json's when it has one, else the mean of its per-class k-NN "
-            "accuracy.",
+            "Shot groups are classes by pretraining images per class, split at each run's "
+            "`eval.shot_thresholds` (OLTR's > 100 / 20–100 / < 20 unless the config says "
+            "otherwise); k-NN balanced acc. is eval.json's when it has one, else the mean of its "
+            "per-class k-NN accuracy.",
             "", *table, ""]
+  if pairs:
+    lines += ["## Paired comparisons", "",
+              "Each PMSN group against the MSN group with the same config apart from the loss, "
+              "over their shared seeds (same data order and initial weights): the mean per-seed "
+              "difference and its 95% Student-t interval (pmsn_jax/paired.py). Also in "
+              "paired.json.", "", *paired.markdown(pairs), ""]
   notes = [f"`{run.path}`: no {name}: {OPTIONAL_INPUTS[name]}"
            for run in runs for name in run.missing]
   notes += [f"`{run.path}`: {warning}" for run in runs for warning in run.warnings]
@@ -400,6 +412,8 @@ def write_report(runs: list[Run], out: str) -> str:
   lines += ["## Missing inputs", ""] + [f"- {n}" for n in notes or ["none"]] + [""]
   with open(os.path.join(out, "results.json"), "w") as f:
     json.dump(rows, f, indent=2)
+  with open(os.path.join(out, "paired.json"), "w") as f:
+    json.dump(pairs, f, indent=2)
   report_path = os.path.join(out, "report.md")
   with open(report_path, "w") as f:
     f.write("\n".join(lines))

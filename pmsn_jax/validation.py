@@ -205,6 +205,11 @@ def validate(config) -> None:
     _positive_int(config, f"eval.{key}", allow_zero=True)
   _require(e.knn_temperature > 0, "eval.knn_temperature", e.knn_temperature, "expected > 0")
   _require(e.linear_lr > 0, "eval.linear_lr", e.linear_lr, "expected > 0")
+  thresholds = tuple(e.get("shot_thresholds", (100, 20)))
+  _require(len(thresholds) == 2 and all(isinstance(t, int) and t >= 0 for t in thresholds)
+           and thresholds[1] <= thresholds[0], "eval.shot_thresholds", thresholds,
+           "expected (many_threshold, few_threshold) image counts with few <= many, e.g. "
+           "(100, 20)")
   shots = tuple(e.get("lowshot_shots", ()))
   _require(all(isinstance(k, int) and k > 0 for k in shots), "eval.lowshot_shots", shots,
            "expected positive images-per-class counts, e.g. (1, 2, 5), or () for none")

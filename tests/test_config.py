@@ -84,6 +84,8 @@ def test_official_recipes_match_method_md():
     ("optim.schedule_horizon_factor", 0.5, "optim.schedule_horizon_factor"),
     ("eval.knn_k", 0, "eval.knn_k"),
     ("eval.lowshot_shots", (0, 2), "eval.lowshot_shots"),
+    ("eval.shot_thresholds", (20, 100), "few <= many"),
+    ("eval.shot_thresholds", (100,), "eval.shot_thresholds"),
     ("eval.lowshot_l2", 0.0, "eval.lowshot_l2"),
     ("compute_dtype", "float16", "compute_dtype"),
     ("loss.prior_fit_source", "guess", "loss.prior_fit_source"),

@@ -184,6 +184,20 @@ def test_mid_training_evals_add_balanced_accuracy_but_no_probe_or_lowshot():
   assert 0 <= result["knn_balanced_top1"] <= 1 and len(result["per_class_top1"]) == 10
 
 
+def test_shot_groups_follow_the_configured_thresholds():
+  config, data, mesh = suite_setup(())
+  encode = jax.jit(lambda x: jnp.reshape(x, (x.shape[0], -1))[:, ::7])
+  # Pretraining rows 0, 2, ..., 78: 8 images of each even class, none of the odd ones.
+  groups = suite.evaluate(encode, None, data, config, mesh, linear_probe=False)["groups"]
+  assert groups["many"] is None and groups["medium"] is None and groups["few"] is not None
+  config.eval.shot_thresholds = (3, 1)  # even classes many (8 > 3), odd ones few (0 < 1)
+  result = suite.evaluate(encode, None, data, config, mesh, linear_probe=False)
+  per_class = result["per_class_top1"]
+  assert result["groups"]["many"] == pytest.approx(np.mean(per_class[0::2]))
+  assert result["groups"]["few"] == pytest.approx(np.mean(per_class[1::2]))
+  assert result["shot_thresholds"] == [3, 1]
+
+
 def test_the_final_eval_checks_the_shots_before_extracting_features():
   config, data, mesh = suite_setup((1, 2, 9))
 

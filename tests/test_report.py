@@ -148,6 +148,38 @@ def test_report_of_hand_made_runs_notes_missing_inputs(tmp_path):
   assert not (out / "prototype_usage.png").exists() and not (out / "knn_over_steps.png").exists()
 
 
+def test_paired_comparison_pairs_seeds_within_a_setting(tmp_path):
+  # MSN and PMSN at two batch skews, seeds 0-2 (PMSN lacks seed 2 at skew 0.8): each PMSN
+  # group is compared with the MSN group of its own skew, over the seeds both have.
+  runs, knn = [], {}
+  for skew in (0.0, 0.8):
+    for seed in range(3):
+      for method, prior, marginal, bump in (("msn", "uniform", "uniform", 0.0),
+                                            ("pmsn", "power_law", "prior", 0.01 + seed / 100)):
+        if (method, skew, seed) == ("pmsn", 0.8, 2):
+          continue
+        value = 0.70 + seed / 50 + bump + skew / 10
+        knn[method, skew, seed] = value
+        runs.append(_write_run(tmp_path / f"{method}_{skew}_{seed}",
+                               _config(seed, prior, marginal, batch_class_skew=skew),
+                               _eval(value)))
+  out = tmp_path / "out"
+  assert report.main([*runs, "--out", str(out)]) == 0
+  rows = [r for r in json.loads((out / "paired.json").read_text()) if r["metric"] == "knn_top1"]
+  assert [r["seeds"] for r in rows] == [[0, 1, 2], [0, 1]]
+  for row, skew, seeds in zip(rows, (0.0, 0.8), ([0, 1, 2], [0, 1])):
+    d = [knn["pmsn", skew, s] - knn["msn", skew, s] for s in seeds]
+    mean = sum(d) / len(d)
+    sd = (sum((x - mean) ** 2 for x in d) / (len(d) - 1)) ** 0.5
+    t975 = {2: 4.302652729911275, 1: 12.706204736174705}[len(d) - 1]  # Student t tables
+    assert row["pmsn_minus_msn_mean"] == pytest.approx(mean)
+    assert row["ci95_high"] - row["pmsn_minus_msn_mean"] == pytest.approx(
+        t975 * sd / len(d) ** 0.5)
+    assert f"batch_class_skew={skew:g}" in row["regime"]
+  # Seeds 0-2 at skew 0: differences 0.01, 0.02, 0.03 -> interval [-0.0048, 0.0448]: "no".
+  assert "| +2.00 | [-0.48, +4.48] | no |" in (out / "report.md").read_text()
+
+
 def test_bad_run_dirs_fail_in_one_line_with_status_2(tmp_path, capsys):
   out = str(tmp_path / "out")
   assert report.main([str(tmp_path / "nope"), "--out", out]) == 2

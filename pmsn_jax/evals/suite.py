@@ -51,10 +51,11 @@ def _knn(bank, bank_labels, queries, data: EvalData, cfg) -> np.ndarray:
                           k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
 
 
-def _classwise(pred, data: EvalData) -> tuple[list, dict, float]:
+def _classwise(pred, data: EvalData, cfg) -> tuple[list, dict, float]:
   """(per-class accuracy, many/medium/few-shot group means, balanced accuracy) of `pred`."""
   per_class = classwise.per_class_accuracy(pred, data.test_labels, data.num_classes)
-  return (per_class, classwise.shot_groups(per_class, data.pretrain_counts),
+  many, few = cfg.eval.shot_thresholds
+  return (per_class, classwise.shot_groups(per_class, data.pretrain_counts, many, few),
           classwise.balanced_accuracy(pred, data.test_labels, data.num_classes))
 
 
@@ -85,7 +86,7 @@ def evaluate(encode: Callable, random_encode: Callable | None, data: EvalData, c
   train_f, test_f = feats(encode, data.train_images), feats(encode, data.test_images)
   lt_f, lt_labels = train_f[data.pretrain_indices], data.train_labels[data.pretrain_indices]
   knn_pred = _knn(train_f, data.train_labels, test_f, data, config)
-  per_class, groups, balanced = _classwise(knn_pred, data)
+  per_class, groups, balanced = _classwise(knn_pred, data, config)
   result = {
       "knn_top1": classwise.top1(knn_pred, data.test_labels),
       "knn_lt_top1": classwise.top1(_knn(lt_f, lt_labels, test_f, data, config),
@@ -96,13 +97,14 @@ def evaluate(encode: Callable, random_encode: Callable | None, data: EvalData, c
       "per_class_classifier": "knn",
       "groups": groups,
       "pretrain_class_counts": data.pretrain_counts,
+      "shot_thresholds": list(config.eval.shot_thresholds),
   }
   if linear_probe:
     pred = linear.linear_probe(train_f, data.train_labels, test_f, num_classes=data.num_classes,
                                epochs=config.eval.linear_epochs, batch_size=
                                config.eval.linear_batch_size, learning_rate=config.eval.linear_lr,
                                seed=config.seed)
-    per_class, groups, balanced = _classwise(pred, data)
+    per_class, groups, balanced = _classwise(pred, data, config)
     result.update(linear_top1=classwise.top1(pred, data.test_labels),
                   linear_balanced_top1=balanced, linear_per_class_top1=per_class,
                   linear_groups=groups)

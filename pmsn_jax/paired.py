@@ -1,0 +1,95 @@
+"""Paired-seed comparisons for the report: PMSN − MSN per metric with a 95% confidence interval.
+
+Runs of two methods that share a seed also share their data order and initial weights (both
+come from `config.seed`), so the per-seed difference cancels most of the seed-to-seed spread
+that an unpaired comparison of two means would carry. For n shared seeds with differences d:
+mean(d) ± t_{0.975, n-1} · sd(d) / √n (Student's t; needs n ≥ 2).
+
+A PMSN group is paired with the MSN group whose config is the same apart from the loss keys
+that make the two methods (LOSS_KEYS) and the seed: e.g. in the mini-batch study the skewed
+PMSN runs are compared with the skewed MSN runs, not with the balanced ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+from scipy import stats
+
+# (eval number id as in report.eval_numbers, its name in the table)
+METRICS = (
+    ("knn_top1", "k-NN top-1"),
+    ("knn_lt_top1", "k-NN, long-tailed bank"),
+    ("linear_top1", "linear top-1"),
+    ("few_top1", "k-NN few-shot"),
+)
+# What tells MSN and PMSN apart (configs/common.py `msn`), ignored when pairing groups.
+LOSS_KEYS = ("loss.prior", "loss.prior_exponent", "loss.sinkhorn_marginal",
+             "loss.sinkhorn_iters", "loss.kl_direction", "loss.prior_fit_source",
+             "loss.prior_fit_warmup_steps", "loss.custom_prior")
+
+
+def difference_ci(differences, confidence: float = 0.95) -> tuple[float, float, float]:
+  """(mean, low, high) of the per-seed differences; low = high = mean for one difference."""
+  d = np.asarray(differences, np.float64)
+  if d.size == 0:
+    raise ValueError("no paired differences: the two groups share no seed")
+  mean = float(d.mean())
+  if d.size == 1:
+    return mean, mean, mean
+  half = float(stats.t.ppf(0.5 + confidence / 2, d.size - 1) * d.std(ddof=1) / math.sqrt(d.size))
+  return mean, mean - half, mean + half
+
+
+def _setting(flat_config: dict) -> str:
+  """The config minus seed and LOSS_KEYS, as a key for pairing groups."""
+  return json.dumps({k: v for k, v in flat_config.items()
+                     if k != "seed" and k not in LOSS_KEYS}, sort_keys=True, default=str)
+
+
+def paired_rows(groups, numbers_of, flatten, is_msn) -> list[dict]:
+  """Rows {"regime", "metric", "seeds", "pmsn_minus_msn_mean", "ci95_low", "ci95_high"}.
+
+  groups: report.Group list; numbers_of(run) -> {metric id: value} (None for an unevaluated
+  run); flatten(config) -> flat dict; is_msn(group) -> bool. Only pairs with >= 2 shared,
+  evaluated seeds give rows (a single seed has no interval).
+  """
+  msn_by_setting = {}
+  for group in groups:
+    if is_msn(group):
+      msn_by_setting.setdefault(_setting(flatten(group.runs[0].config)), group)
+  rows = []
+  for group in groups:
+    msn = msn_by_setting.get(_setting(flatten(group.runs[0].config)))
+    if msn is None or msn is group or is_msn(group):
+      continue
+    ours = {run.seed: numbers_of(run) for run in group.runs if numbers_of(run)}
+    theirs = {run.seed: numbers_of(run) for run in msn.runs if numbers_of(run)}
+    for metric, _ in METRICS:
+      seeds = sorted(s for s in set(ours) & set(theirs)
+                     if metric in ours[s] and metric in theirs[s])
+      if len(seeds) < 2:
+        continue
+      mean, low, high = difference_ci([ours[s][metric] - theirs[s][metric] for s in seeds])
+      rows.append({"regime": group.label, "versus": msn.label, "metric": metric,
+                   "seeds": seeds, "pmsn_minus_msn_mean": mean, "ci95_low": low,
+                   "ci95_high": high})
+  return rows
+
+
+def markdown(rows: list[dict]) -> list[str]:
+  """The rows as a markdown table in percentage points; empty list for no rows."""
+  if not rows:
+    return []
+  names = dict(METRICS)
+  lines = ["| PMSN run group | vs | metric | seeds | PMSN − MSN (points) | 95% CI | beyond CI |",
+           "|---|---|---|---|---:|---|---|"]
+  for r in rows:
+    verdict = ("PMSN better" if r["ci95_low"] > 0 else
+               "MSN better" if r["ci95_high"] < 0 else "no")
+    lines.append(f"| {r['regime']} | {r['versus']} | {names[r['metric']]} | "
+                 f"{', '.join(map(str, r['seeds']))} | {100 * r['pmsn_minus_msn_mean']:+.2f} | "
+                 f"[{100 * r['ci95_low']:+.2f}, {100 * r['ci95_high']:+.2f}] | {verdict} |")
+  return lines
