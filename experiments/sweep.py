@@ -110,7 +110,9 @@ def run_one(workdir: str, config_arg: str, overrides: list[str], dry_run: bool,
   with open(os.path.join(workdir, "driver.log"), "a") as log:
     returncode = subprocess.call(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, **pin)
   record = {"command": " ".join(command[1:]), "wall_s": round(time.time() - start, 1),
-            "threads": "1 (pinned to core %d)" % core if core is not None else "all cores",
+            # Cores the run had: wall_s x cores is what the report calls its cpu_minutes.
+            "cores": 1 if core is not None else len(os.sched_getaffinity(0)),
+            "pinned_core": core,
             "returncode": returncode, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                 time.gmtime())}
   with open(os.path.join(workdir, "driver.json"), "w") as f:

@@ -65,6 +65,7 @@ class Run:
   eval: dict | None = None
   metrics: list[dict] = dataclasses.field(default_factory=list)
   prototypes: dict | None = None  # the last line of prototypes.jsonl
+  core_minutes: float | None = None  # wall time x cores, from experiments/sweep.py's driver.json
   missing: list[str] = dataclasses.field(default_factory=list)  # OPTIONAL_INPUTS not found
   warnings: list[str] = dataclasses.field(default_factory=list)
   method: str = ""               # its group's label, set by group_runs
@@ -162,6 +163,13 @@ def load_run(path: str) -> Run:
     run.prototypes = rows[-1]
   else:
     run.missing.append("prototypes.jsonl")
+
+  driver = os.path.join(path, "driver.json")  # only runs started by experiments/sweep.py
+  if os.path.isfile(driver):
+    record = _read_json(driver, "delete it (it only feeds the cpu_minutes of results.json)")
+    if isinstance(record, dict) and _is_number(record.get("wall_s")) and _is_number(
+        record.get("cores")):
+      run.core_minutes = record["wall_s"] * record["cores"] / 60
   return run
 
 
@@ -325,7 +333,11 @@ def results_table(groups: list[Group]) -> tuple[list[str], list[dict]]:
            "prior_exponent": loss.get("prior_exponent"),
            "sinkhorn_marginal": ("off" if loss.get("sinkhorn_iters") == 0
                                  else loss.get("sinkhorn_marginal")),
-           "seeds": seeds, "runs": [run.path for run in group.runs]}
+           "seeds": seeds, "runs": [run.path for run in group.runs],
+           # Core-minutes of all the group's runs (training + evaluation), when all are known.
+           "cpu_minutes": (sum(run.core_minutes for run in group.runs)
+                           if all(run.core_minutes is not None for run in group.runs)
+                           else None)}
     for key, _ in columns:
       cell = cells.get(key)
       row.update({f"{key}_mean": cell.mean if cell else None,

@@ -121,6 +121,9 @@ def test_report_of_hand_made_runs_notes_missing_inputs(tmp_path):
                                         "eval/knn_lt_top1": 0.4} for s in (4, 8)]
   a = _write_run(tmp_path / "a", _config(0), _eval(0.80), metrics, usage)
   b = _write_run(tmp_path / "b", _config(1), _eval(0.82), metrics[:2])
+  for run, wall_s, cores in ((a, 600, 1), (b, 300, 2)):  # as experiments/sweep.py writes it
+    with open(os.path.join(run, "driver.json"), "w") as f:
+      json.dump({"wall_s": wall_s, "cores": cores, "returncode": 0}, f)
   out = tmp_path / "out"
   assert report.main([a, b, "--out", str(out)]) == 0
 
@@ -130,7 +133,8 @@ def test_report_of_hand_made_runs_notes_missing_inputs(tmp_path):
   assert "no eval.json holds `lowshot`" in markdown
   assert sorted(_pngs_linked(markdown, out)) == ["knn_over_steps.png", "per_class_accuracy.png",
                                                  "prototype_usage.png", "training_curves.png"]
-  assert json.loads((out / "results.json").read_text())[0]["seeds"] == [0, 1]
+  row = json.loads((out / "results.json").read_text())[0]
+  assert row["seeds"] == [0, 1] and row["cpu_minutes"] == pytest.approx(20.0)
 
   # Rerun without what the plots need: no stale PNG stays behind, the reasons are given.
   os.remove(os.path.join(a, "prototypes.jsonl"))

@@ -144,7 +144,7 @@ def format_table(result: dict) -> str:
           ("linear probe top-1", "linear_top1", None),
           ("k-NN balanced accuracy", "knn_balanced_top1", None),
           ("linear probe balanced accuracy", "linear_balanced_top1", None)]
-  lines = [f"{'metric':34s} {'PMSN encoder':>13s} {'random init':>12s}", "-" * 61]
+  lines = [f"{'metric':34s} {'trained':>13s} {'random init':>12s}", "-" * 61]
   for name, key, rkey in rows:
     if key not in result:  # e.g. no linear probe in the mid-training evals
       continue
