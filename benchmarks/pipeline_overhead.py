@@ -34,9 +34,6 @@ _CONFIG = config_flags.DEFINE_config_file(
 _STEPS = flags.DEFINE_integer("steps", 100, "Timed steps per repeat.")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Repeats of each mode; the best is reported.")
 
-VIEWS = ("target", "anchor", "focal")
-
-
 def main(argv):
   del argv
   config = _CONFIG.value
@@ -53,25 +50,25 @@ def main(argv):
   shardings = sharding.state_shardings(abstract, mesh, config.partition_rules,
                                        config.fsdp_min_size)
   state = jax.jit(create_state, out_shardings=shardings)()
-  train_step = jax.jit(
-      step.make_train_step(graphdef, tx, scheds, step.prior_from_config(config), config),
-      in_shardings=(shardings, sharding.batch_sharding(mesh)),
-      out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  replicated = sharding.replicated(mesh)
+  train_step = jax.jit(step.make_train_step(graphdef, tx, scheds, config),  # train.py's step
+                       out_shardings=(shardings, replicated, replicated), donate_argnums=0)
+  prior = jax.device_put(step.prior_from_config(config), replicated)
 
-  def real_batch():
+  def real_batch():  # what train.py's loop does with each pipeline batch
     batch = next(batches)
-    return sharding.to_global({k: batch[k] for k in VIEWS}, mesh)
+    return dict(sharding.to_global({k: batch[k] for k in train.BATCH_KEYS}, mesh), prior=prior)
 
   cached = real_batch()
   for _ in range(3):  # compile, warm the pipeline's threads
-    state, metrics = train_step(state, real_batch())
+    state, metrics, _ = train_step(state, real_batch())
   jax.block_until_ready(metrics)
   best = {"real": float("inf"), "cached": float("inf")}
   for _ in range(_REPEATS.value):
     for mode in best:
       t = time.perf_counter()
       for _ in range(_STEPS.value):
-        state, metrics = train_step(state, real_batch() if mode == "real" else cached)
+        state, metrics, _ = train_step(state, real_batch() if mode == "real" else cached)
       jax.block_until_ready(metrics)
       best[mode] = min(best[mode], (time.perf_counter() - t) / _STEPS.value)
   ratio = best["real"] / best["cached"]

@@ -48,10 +48,13 @@ def compiled_memory(config):
   view = lambda *shape: jax.ShapeDtypeStruct((b, *shape), "float32")  # noqa: E731
   batch = {"target": view(d.image_size, d.image_size, d.channels),
            "anchor": view(d.image_size, d.image_size, d.channels),
-           "focal": view(d.num_focal, d.focal_size, d.focal_size, d.channels)}
+           "focal": view(d.num_focal, d.focal_size, d.focal_size, d.channels),
+           "label": jax.ShapeDtypeStruct((b,), "int32"),
+           "prior": jax.ShapeDtypeStruct((config.model.num_prototypes,), "float32")}
   train_step = jax.jit(
-      step.make_train_step(graphdef, tx, scheds, step.prior_from_config(config), config),
-      in_shardings=(sharding.state_shardings(abstract, mesh), sharding.batch_sharding(mesh)),
+      step.make_train_step(graphdef, tx, scheds, config),  # train.py's step
+      in_shardings=(sharding.state_shardings(abstract, mesh),
+                    sharding.step_input_shardings(batch, mesh)),
       donate_argnums=0)
   t = time.perf_counter()
   compiled = train_step.lower(abstract, batch).compile()

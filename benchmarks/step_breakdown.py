@@ -63,9 +63,10 @@ def main(argv):
   view = lambda *shape: jax.random.normal(next(keys), (b, *shape))  # noqa: E731
   batch = {"target": view(d.image_size, d.image_size, d.channels),
            "anchor": view(d.image_size, d.image_size, d.channels),
-           "focal": view(d.num_focal, d.focal_size, d.focal_size, d.channels)}
+           "focal": view(d.num_focal, d.focal_size, d.focal_size, d.channels),
+           "prior": jnp.asarray(prior)}
   rng = jax.random.key(1)
-  loss_fn = step.make_loss_fn(graphdef, prior, config)
+  loss_fn = step.make_loss_fn(graphdef, config)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def encoder_fwd(params, batch):
@@ -102,7 +103,7 @@ def main(argv):
       "optimizer": (jax.jit(optimizer), grads, state.opt_state, state.params),
   }
   times = {name: time_ms(*piece) for name, piece in pieces.items()}
-  train_step = jax.jit(step.make_train_step(graphdef, tx, scheds, prior, config))
+  train_step = jax.jit(step.make_train_step(graphdef, tx, scheds, config))
   times = {"step": time_ms(train_step, state, batch), **times}
   print(f"backend={jax.default_backend()} model={config.model.variant} batch={b} "
         f"dtype={config.compute_dtype}")

@@ -54,13 +54,18 @@ def matmul_peak_gflops(dtype="float32", reps: int = 10) -> float:
   return 2 * n ** 3 / best / 1e9
 
 
-def synthetic_batch(config) -> dict[str, np.ndarray]:
+def synthetic_batch(config, mesh) -> dict[str, jax.Array]:
+  """A global batch as train.py feeds the step: views and labels split over the batch axes,
+  the cluster prior replicated."""
   d, b = config.data, config.batch_size
   rng = np.random.default_rng(0)
   view = lambda *shape: rng.standard_normal((b, *shape), dtype=np.float32)  # noqa: E731
-  return {"target": view(d.image_size, d.image_size, d.channels),
-          "anchor": view(d.image_size, d.image_size, d.channels),
-          "focal": view(d.num_focal, d.focal_size, d.focal_size, d.channels)}
+  batch = sharding.to_global({"target": view(d.image_size, d.image_size, d.channels),
+                              "anchor": view(d.image_size, d.image_size, d.channels),
+                              "focal": view(d.num_focal, d.focal_size, d.focal_size, d.channels),
+                              "label": rng.integers(0, 10, b, dtype=np.int32)}, mesh)
+  batch["prior"] = jax.device_put(step.prior_from_config(config), sharding.replicated(mesh))
+  return batch
 
 
 def build_step(config, mesh, vit_cfg):
@@ -68,9 +73,9 @@ def build_step(config, mesh, vit_cfg):
   abstract = jax.eval_shape(create_state)
   shardings = sharding.state_shardings(abstract, mesh)
   state = jax.jit(create_state, out_shardings=shardings)()
-  fn = jax.jit(step.make_train_step(graphdef, tx, scheds, step.prior_from_config(config), config),
-               in_shardings=(shardings, sharding.batch_sharding(mesh)),
-               out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  replicated = sharding.replicated(mesh)
+  fn = jax.jit(step.make_train_step(graphdef, tx, scheds, config),  # train.py's step
+               out_shardings=(shardings, replicated, replicated), donate_argnums=0)
   return fn, state
 
 
@@ -78,7 +83,7 @@ def main(argv):
   del argv
   config = _CONFIG.value
   mesh = sharding.make_mesh(config.mesh)
-  batch = sharding.to_global(synthetic_batch(config), mesh)
+  batch = synthetic_batch(config, mesh)
   vit_cfg = vit.vit_config_from(config)
 
   gflops_per_img = _GFLOPS.value
@@ -97,13 +102,13 @@ def main(argv):
   compiled = fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - t
   for _ in range(2):
-    state, metrics = compiled(state, batch)
+    state, metrics, _ = compiled(state, batch)
   jax.block_until_ready(metrics)
   best = float("inf")
   for _ in range(_REPEATS.value):
     t = time.perf_counter()
     for _ in range(_STEPS.value):
-      state, metrics = compiled(state, batch)
+      state, metrics, _ = compiled(state, batch)
     jax.block_until_ready(metrics)
     best = min(best, (time.perf_counter() - t) / _STEPS.value)
   img_per_s = config.batch_size / best

@@ -44,7 +44,8 @@ def main(argv):
   with open(os.path.join(_OUT.value, "eval.json"), "w") as f:
     json.dump(dict(result, method="raw_pixels"), f, indent=2)
   with open(os.path.join(_OUT.value, "driver.json"), "w") as f:
-    json.dump({"command": " ".join(sys.argv), "wall_s": round(time.time() - start, 1)}, f)
+    json.dump({"command": " ".join(sys.argv), "wall_s": round(time.time() - start, 1),
+               "cores": len(os.sched_getaffinity(0))}, f)
   print(suite.format_table(result))
 
 

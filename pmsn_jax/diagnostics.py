@@ -1,7 +1,7 @@
 """Prototype diagnostics: does the model's cluster usage follow the prior? Pure NumPy, no I/O.
 
 PMSN's claim is about cluster sizes, so a run should show them, not only its loss. The train
-step returns, per step (losses.pmsn_loss_with_aux, step.make_train_step(with_aux=True)):
+step returns, per step (losses.pmsn_loss_with_aux, step.make_train_step):
   target_usage      [K] column mass of the Sinkhorn-balanced targets P, / B (sums to 1). With
                     sinkhorn_marginal = "prior" this is close to the prior by construction.
   raw_target_usage  [K] the same before Sinkhorn: the model's own (sharpened) cluster sizes.

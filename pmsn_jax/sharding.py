@@ -147,6 +147,12 @@ def state_shardings(abstract_state, mesh: Mesh, rules=DEFAULT_RULES,
   return jax.tree_util.tree_map_with_path(leaf, abstract_state)
 
 
+def step_input_shardings(batch, mesh: Mesh) -> dict:
+  """Shardings of a train-step batch dict: rows split over the batch axes, the [K] cluster
+  prior (batch["prior"]) replicated."""
+  return {k: replicated(mesh) if k == "prior" else batch_sharding(mesh) for k in batch}
+
+
 def check_batch_size(global_batch: int, mesh: Mesh) -> None:
   """Fails before compiling if the batch cannot be split over the mesh and the hosts."""
   shards, hosts = batch_shards(mesh), jax.process_count()

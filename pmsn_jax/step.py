@@ -107,21 +107,12 @@ def prior_from_config(config) -> np.ndarray:
   return prior
 
 
-def _prior_of(prior, batch):
-  """A prior baked into the step as a constant, or (prior=None) batch["prior"], a traced input."""
-  if prior is not None:
-    return prior
-  if "prior" not in batch:
-    raise KeyError('make_train_step(prior=None, ...) reads the prior from batch["prior"] '
-                   '([K] float32, replicated); the batch has only ' + ", ".join(sorted(batch)))
-  return batch["prior"]
-
-
-def make_loss_fn(graphdef, prior: jax.Array | None, config):
+def make_loss_fn(graphdef, config):
   """-> loss_fn(params, target, batch_stats, batch, rng)
         -> (loss, (metrics, batch_stats, aux)).
 
-  prior=None takes the prior from batch["prior"]. aux holds the loss's diagnostic vectors
+  The cluster prior is batch["prior"] ([K] float32): an input, not a constant, so that its
+  value can change (prior = "fit") without recompiling. aux holds the loss's diagnostic vectors
   (losses.pmsn_loss_with_aux); under jit they cost nothing where unused.
   """
   loss_kwargs = dict(
@@ -131,7 +122,11 @@ def make_loss_fn(graphdef, prior: jax.Array | None, config):
   mask_ratio = float(config.model.mask_ratio)
 
   def loss_fn(params, target, batch_stats, batch, rng):
-    cluster_prior = _prior_of(prior, batch)
+    if "prior" not in batch:
+      raise KeyError('the train step reads the cluster prior from batch["prior"] ([K] float32, '
+                     'replicated; e.g. step.prior_from_config(config)); the batch has only '
+                     + ", ".join(sorted(batch)))
+    cluster_prior = batch["prior"]
     model = nnx.merge(graphdef, params, target, batch_stats, copy=True)
     anchors = model.anchor_projections(batch["anchor"], batch["focal"],
                                        mask_ratio=mask_ratio, rng=rng)
@@ -144,21 +139,19 @@ def make_loss_fn(graphdef, prior: jax.Array | None, config):
   return loss_fn
 
 
-def make_train_step(graphdef, tx, schedules, prior: jax.Array | None, config, *,
-                    with_aux: bool = False):
-  """Returns train_step(state, batch) -> (state, metrics) for jax.jit.
+def make_train_step(graphdef, tx, schedules, config):
+  """Returns train_step(state, batch) -> (state, metrics, aux) for jax.jit.
 
-  prior: the [K] cluster prior as a constant of the compiled step, or None to read it from
-    batch["prior"] every step. As an input its value can change (prior = "fit" swaps the
-    uniform warm-up prior for the fitted one) without recompiling: only shape, dtype and
-    sharding are part of the compiled program.
-  with_aux: also return aux, the [K] prototype-usage vectors and [B] hard assignments of
-    losses.pmsn_loss_with_aux, plus batch["label"] as "labels" when the batch has it, for the
-    diagnostics at log steps: train_step(state, batch) -> (state, metrics, aux). Labels go
-    through the step so assignments and labels come back in the same global row order on every
-    host (both replicated by the caller's out_shardings).
+  batch: the views ("target", "anchor", "focal"), "prior" (the [K] cluster prior, an input:
+    only its shape, dtype and sharding are compiled in, so prior = "fit" swaps the uniform
+    warm-up prior for the fitted one without recompiling) and optionally "label".
+  aux: the [K] prototype-usage vectors and [B] hard assignments of losses.pmsn_loss_with_aux,
+    plus batch["label"] as "labels" when the batch has it, for the diagnostics at log steps.
+    Labels go through the step so assignments and labels come back in the same global row
+    order on every host (both replicated by the caller's out_shardings). Steps whose aux is
+    not fetched only pay for the [K] and [B] outputs.
   """
-  loss_fn = make_loss_fn(graphdef, prior, config)
+  loss_fn = make_loss_fn(graphdef, config)
   base_key = jax.random.key(config.seed)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
@@ -176,8 +169,6 @@ def make_train_step(graphdef, tx, schedules, prior: jax.Array | None, config, *,
     new_state = state.replace(step=state.step + 1, params=params,
                               target=ema_update(state.target, params, momentum),
                               batch_stats=batch_stats, opt_state=opt_state)
-    if not with_aux:
-      return new_state, metrics
     aux = dict(aux, **({"labels": batch["label"]} if "label" in batch else {}))
     return new_state, metrics, aux
 

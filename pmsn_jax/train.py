@@ -203,7 +203,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   compile_start = time.perf_counter()
   abstract_inputs = abstract_batch(config, batch_sharding, replicated)
   train_step = jax.jit(
-      step.make_train_step(graphdef, tx, scheds, None, config, with_aux=True),
+      step.make_train_step(graphdef, tx, scheds, config),
       in_shardings=(state_shardings, {k: v.sharding for k, v in abstract_inputs.items()}),
       out_shardings=(state_shardings, replicated, replicated),
       donate_argnums=0).lower(

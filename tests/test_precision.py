@@ -55,8 +55,9 @@ def loss_and_grads(config):
   view = lambda *shape: jnp.asarray(rng.standard_normal((b, *shape)), jnp.float32)  # noqa: E731
   batch = {"target": view(d.image_size, d.image_size, d.channels),
            "anchor": view(d.image_size, d.image_size, d.channels),
-           "focal": view(d.num_focal, d.focal_size, d.focal_size, d.channels)}
-  loss_fn = step.make_loss_fn(graphdef, step.prior_from_config(config), config)
+           "focal": view(d.num_focal, d.focal_size, d.focal_size, d.channels),
+           "prior": step.prior_from_config(config)}
+  loss_fn = step.make_loss_fn(graphdef, config)
   grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
   (loss, _), grads = grad_fn(state.params, state.target, state.batch_stats, batch,
                              jax.random.key(0))

@@ -42,12 +42,13 @@ def batch(config):
 
 def two_steps(config):
   mesh, graphdef, tx, scheds, _, shardings, state = built(config)
-  train_step = jax.jit(
-      step.make_train_step(graphdef, tx, scheds, step.prior_from_config(config), config),
-      in_shardings=(shardings, sharding.batch_sharding(mesh)),
-      out_shardings=(shardings, sharding.replicated(mesh)))
+  inputs = dict(sharding.to_global(batch(config), mesh), prior=step.prior_from_config(config))
+  train_step = jax.jit(step.make_train_step(graphdef, tx, scheds, config),
+                       in_shardings=(shardings, sharding.step_input_shardings(inputs, mesh)),
+                       out_shardings=(shardings, sharding.replicated(mesh),
+                                      sharding.replicated(mesh)))
   for _ in range(2):
-    state, metrics = train_step(state, sharding.to_global(batch(config), mesh))
+    state, metrics, _ = train_step(state, inputs)
   return state, metrics
 
 

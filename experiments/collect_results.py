@@ -1,0 +1,97 @@
+"""Writes docs/results.json from report directories and baseline runs.
+
+  python experiments/collect_results.py --out=docs/results.json \
+      --report=minibatch:runs/map1000/minibatch/report --report=prior_grid:runs/... \
+      --raw_pixels=runs/baselines/raw_pixels
+
+Each --report=REGIME:DIR is the --out of `python -m pmsn_jax.report` (its results.json and
+paired.json); REGIME names the table it came from. The rows follow issue 7's schema:
+  method rows  {"regime", "method", "label", "prior", "prior_exponent", "sinkhorn_marginal",
+                "seeds", "knn_top1_mean", "knn_top1_std", "linear_top1_mean", "few_top1_mean",
+                "cpu_minutes"}; method is "msn", "pmsn", "raw_pixels" or "random_init";
+  paired rows  {"regime", "metric", "seeds", "pmsn_minus_msn_mean", "ci95_low", "ci95_high"}
+               (plus "label" and "versus": the two groups compared).
+cpu_minutes are core-minutes (wall time x cores the run had) of all the group's runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+MAIN_KEYS = ("knn_top1_mean", "knn_top1_std", "linear_top1_mean", "few_top1_mean")
+
+
+def _load(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
+def method_rows(regime: str, report_dir: str) -> list[dict]:
+  rows = []
+  for row in _load(os.path.join(report_dir, "results.json")):
+    msn = row["prior"] == "uniform" and row["sinkhorn_marginal"] == "uniform"
+    rows.append({"regime": regime, "method": "msn" if msn else "pmsn", "label": row["method"],
+                 "prior": row["prior"],
+                 "prior_exponent": None if msn else row["prior_exponent"],
+                 "sinkhorn_marginal": row["sinkhorn_marginal"], "seeds": row["seeds"],
+                 **{k: row.get(k) for k in MAIN_KEYS}, "cpu_minutes": row.get("cpu_minutes")})
+  return rows
+
+
+def paired_rows(regime: str, report_dir: str) -> list[dict]:
+  path = os.path.join(report_dir, "paired.json")
+  if not os.path.exists(path):
+    return []
+  return [{"regime": regime, "label": r["regime"], "versus": r["versus"], "metric": r["metric"],
+           "seeds": r["seeds"], "pmsn_minus_msn_mean": r["pmsn_minus_msn_mean"],
+           "ci95_low": r["ci95_low"], "ci95_high": r["ci95_high"]} for r in _load(path)]
+
+
+def raw_pixel_row(run_dir: str) -> dict:
+  result = _load(os.path.join(run_dir, "eval.json"))
+  driver = os.path.join(run_dir, "driver.json")
+  record = _load(driver) if os.path.exists(driver) else {}
+  return {"regime": "baseline", "method": "raw_pixels", "label": "raw pixels", "prior": None,
+          "prior_exponent": None, "sinkhorn_marginal": None, "seeds": [],
+          "knn_top1_mean": result["knn_top1"], "knn_top1_std": None,
+          "linear_top1_mean": result.get("linear_top1"),
+          "few_top1_mean": (result.get("groups") or {}).get("few"),
+          "cpu_minutes": (round(record["wall_s"] * record["cores"] / 60, 2)
+                          if "wall_s" in record and "cores" in record else None)}
+
+
+def random_init_rows(regime: str, report_dir: str) -> list[dict]:
+  """The random-init k-NN every run reports, once per regime (MSN groups' runs)."""
+  for row in _load(os.path.join(report_dir, "results.json")):
+    if row.get("random_init_knn_top1_mean") is not None and row["prior"] == "uniform":
+      return [{"regime": regime, "method": "random_init", "label": "random-init encoder",
+               "prior": None, "prior_exponent": None, "sinkhorn_marginal": None,
+               "seeds": row["seeds"], "knn_top1_mean": row["random_init_knn_top1_mean"],
+               "knn_top1_std": row.get("random_init_knn_top1_std"), "linear_top1_mean": None,
+               "few_top1_mean": None, "cpu_minutes": None}]
+  return []
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--report", action="append", default=[], metavar="REGIME:DIR")
+  parser.add_argument("--raw_pixels", help="experiments/raw_pixels.py --out directory")
+  parser.add_argument("--out", required=True)
+  args = parser.parse_args()
+  rows = [raw_pixel_row(args.raw_pixels)] if args.raw_pixels else []
+  pairs = []
+  for spec in args.report:
+    regime, sep, report_dir = spec.partition(":")
+    if not sep or not os.path.exists(os.path.join(report_dir, "results.json")):
+      parser.error(f"--report={spec}: give REGIME:DIR, DIR the --out of pmsn_jax.report")
+    rows += random_init_rows(regime, report_dir) + method_rows(regime, report_dir)
+    pairs += paired_rows(regime, report_dir)
+  with open(args.out, "w") as f:
+    f.write("[\n" + ",\n".join(json.dumps(r) for r in rows + pairs) + "\n]\n")
+  print(f"wrote {args.out}: {len(rows)} method rows, {len(pairs)} paired rows")
+
+
+if __name__ == "__main__":
+  main()
