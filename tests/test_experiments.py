@@ -1,0 +1,137 @@
+"""experiments/: the sweep's plans (equal compute within a plan, resumability, pinning), the
+prior-shape table, and results.json collection from report directories."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from tests.subprocess_runs import ROOT
+
+
+def _script(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments",
+                                                                   f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+sweep, prior_shapes = _script("sweep"), _script("prior_shapes")
+
+ARGS = types.SimpleNamespace(tau=0.25, marginal="prior", seeds=3, skew=0.8, steps=0)
+
+
+def _overrides(rows):
+  return [dict(o.removeprefix("--config.").split("=", 1) for o in overrides)
+          for _, _, overrides in rows]
+
+
+@pytest.mark.parametrize("plan, runs", [("prior_grid", 10), ("paired", 6), ("minibatch", 4),
+                                        ("imbalance", 24)])
+def test_plans_have_their_runs_with_unique_names(plan, runs):
+  rows = sweep.plan_rows(plan, ARGS)
+  assert len(rows) == runs and len({name for name, _, _ in rows}) == runs
+
+
+def test_prior_grid_is_msn_plus_every_tau_and_marginal():
+  rows = sweep.plan_rows("prior_grid", ARGS)
+  assert rows[0][:2] == ("msn_s0", "msn")
+  cells = {(o["loss.prior_exponent"], o.get("loss.sinkhorn_marginal", "off"))
+           for o in _overrides(rows[1:])}
+  assert cells == {(t, m) for t in ("0.25", "0.5", "1.0") for m in ("prior", "uniform", "off")}
+  assert all(o["loss.sinkhorn_iters"] == "0" for o in _overrides(rows[1:])
+             if "loss.sinkhorn_marginal" not in o)
+
+
+def test_paired_plan_gives_both_methods_the_same_seeds():
+  rows = sweep.plan_rows("paired", ARGS)
+  seeds = {}
+  for (name, arg, _), o in zip(rows, _overrides(rows)):
+    seeds.setdefault(arg or "pmsn", []).append(o["seed"])
+  assert seeds == {"msn": ["0", "1", "2"], "pmsn": ["0", "1", "2"]}
+
+
+def test_length_overrides_keep_the_schedule_shape():
+  assert sweep.length_overrides(0) == []
+  o = dict(x.removeprefix("--config.").split("=") for x in sweep.length_overrides(1000))
+  assert o == {"total_steps": "1000", "optim.warmup_steps": "100",
+               "checkpoint_every_steps": "250", "log_every_steps": "100"}
+
+
+def test_single_threaded_env_adds_to_existing_xla_flags(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+  env = sweep.single_threaded_env()
+  assert env["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_cpu_multi_thread_eigen=false"
+  assert env["TF_NUM_INTRAOP_THREADS"] == env["OMP_NUM_THREADS"] == "1"
+
+
+def test_a_finished_run_is_skipped_and_a_dry_run_only_prints(tmp_path):
+  done = tmp_path / "done"
+  done.mkdir()
+  (done / "eval.json").write_text(json.dumps({"knn_top1": 0.8}))
+  assert sweep.run_one(str(done), "msn", [], dry_run=False).startswith("skip (done)")
+  line = sweep.run_one(str(tmp_path / "new"), "msn", ["--config.seed=1"], dry_run=True)
+  assert "--config=configs/demo.py:msn" in line and line.endswith("--config.seed=1")
+  assert not (tmp_path / "new").exists()
+
+
+def test_unknown_plan_names_the_plans():
+  with pytest.raises(SystemExit, match="prior_grid, paired, minibatch"):
+    sweep.plan_rows("grid", ARGS)
+
+
+def test_prior_shapes_effective_numbers():
+  assert prior_shapes.effective_number(prior_shapes.power_law(32, 0.0)) == pytest.approx(32)
+  assert prior_shapes.effective_number([0.5, 0.5, 0.0]) == pytest.approx(2)
+  # The demo's long-tailed class counts (configs/demo.py docstring: 14,886 images, 6000 ... 60).
+  counts = np.floor(6000 * 100.0 ** (-np.arange(10) / 9))
+  assert counts.sum() == 14886 and counts[-1] == 60
+  np.testing.assert_allclose(prior_shapes.class_distribution(100), counts / counts.sum())
+  tau = [prior_shapes.effective_number(prior_shapes.power_law(32, t)) for t in (0.25, 1, 2)]
+  assert 31 < tau[0] < 32 and tau[0] > tau[1] > tau[2]
+
+
+def test_collect_results_writes_method_and_paired_rows(tmp_path):
+  report = tmp_path / "report"
+  report.mkdir()
+  table = [{"method": "MSN", "prior": "uniform", "prior_exponent": 0.25,
+            "sinkhorn_marginal": "uniform", "seeds": [0, 1], "knn_top1_mean": 0.8,
+            "knn_top1_std": 0.01, "linear_top1_mean": 0.77, "few_top1_mean": 0.9,
+            "random_init_knn_top1_mean": 0.74, "random_init_knn_top1_std": 0.0,
+            "cpu_minutes": 30.0},
+           {"method": "PMSN τ_p=1, Sinkhorn prior", "prior": "power_law", "prior_exponent": 1.0,
+            "sinkhorn_marginal": "prior", "seeds": [0, 1], "knn_top1_mean": 0.81,
+            "knn_top1_std": 0.02, "linear_top1_mean": 0.78, "few_top1_mean": None,
+            "cpu_minutes": 31.0}]
+  pairs = [{"regime": "PMSN τ_p=1, Sinkhorn prior", "versus": "MSN", "metric": "knn_top1",
+            "seeds": [0, 1], "pmsn_minus_msn_mean": 0.01, "ci95_low": -0.1, "ci95_high": 0.12}]
+  (report / "results.json").write_text(json.dumps(table))
+  (report / "paired.json").write_text(json.dumps(pairs))
+  raw = tmp_path / "raw"
+  raw.mkdir()
+  (raw / "eval.json").write_text(json.dumps({"knn_top1": 0.857, "linear_top1": 0.84,
+                                             "groups": {"few": 0.95}}))
+  (raw / "driver.json").write_text(json.dumps({"wall_s": 30, "cores": 2}))
+  out = tmp_path / "results.json"
+  subprocess.run([sys.executable, "experiments/collect_results.py", f"--out={out}",
+                  f"--report=prior_grid:{report}", f"--raw_pixels={raw}"], cwd=ROOT, check=True)
+  rows = json.loads(out.read_text())
+  assert [r.get("method") for r in rows] == ["raw_pixels", "random_init", "msn", "pmsn", None]
+  assert rows[0]["cpu_minutes"] == 1.0 and rows[0]["few_top1_mean"] == 0.95
+  assert rows[1]["knn_top1_mean"] == 0.74 and rows[2]["prior_exponent"] is None
+  main_keys = {"method", "prior", "prior_exponent", "sinkhorn_marginal", "seeds",
+               "knn_top1_mean", "knn_top1_std", "linear_top1_mean", "few_top1_mean",
+               "cpu_minutes"}
+  assert all(main_keys <= set(r) for r in rows[:4])
+  assert rows[4]["regime"] == "prior_grid" and rows[4]["ci95_high"] == 0.12
+  assert {"regime", "metric", "seeds", "pmsn_minus_msn_mean", "ci95_low", "ci95_high"} <= set(
+      rows[4])
+  bad = subprocess.run([sys.executable, "experiments/collect_results.py", f"--out={out}",
+                        f"--report={report}"], cwd=ROOT, capture_output=True, text=True)
+  assert bad.returncode == 2 and "REGIME:DIR" in bad.stderr
