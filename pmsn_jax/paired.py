@@ -32,13 +32,11 @@ LOSS_KEYS = ("loss.prior", "loss.prior_exponent", "loss.sinkhorn_marginal",
 
 
 def difference_ci(differences, confidence: float = 0.95) -> tuple[float, float, float]:
-  """(mean, low, high) of the per-seed differences; low = high = mean for one difference."""
+  """(mean, low, high) of >= 2 per-seed differences."""
   d = np.asarray(differences, np.float64)
-  if d.size == 0:
-    raise ValueError("no paired differences: the two groups share no seed")
+  if d.size < 2:
+    raise ValueError(f"{d.size} paired difference(s): an interval needs at least 2 shared seeds")
   mean = float(d.mean())
-  if d.size == 1:
-    return mean, mean, mean
   half = float(stats.t.ppf(0.5 + confidence / 2, d.size - 1) * d.std(ddof=1) / math.sqrt(d.size))
   return mean, mean - half, mean + half
 
@@ -47,6 +45,11 @@ def _setting(flat_config: dict) -> str:
   """The config minus seed and LOSS_KEYS, as a key for pairing groups."""
   return json.dumps({k: v for k, v in flat_config.items()
                      if k != "seed" and k not in LOSS_KEYS}, sort_keys=True, default=str)
+
+
+def _numbers_by_seed(group, numbers_of) -> dict:
+  """{seed: numbers} of the group's evaluated runs (numbers_of is called once per run)."""
+  return {run.seed: numbers for run in group.runs if (numbers := numbers_of(run))}
 
 
 def paired_rows(groups, numbers_of, flatten, is_msn) -> list[dict]:
@@ -65,8 +68,7 @@ def paired_rows(groups, numbers_of, flatten, is_msn) -> list[dict]:
     msn = msn_by_setting.get(_setting(flatten(group.runs[0].config)))
     if msn is None or msn is group or is_msn(group):
       continue
-    ours = {run.seed: numbers_of(run) for run in group.runs if numbers_of(run)}
-    theirs = {run.seed: numbers_of(run) for run in msn.runs if numbers_of(run)}
+    ours, theirs = _numbers_by_seed(group, numbers_of), _numbers_by_seed(msn, numbers_of)
     for metric, _ in METRICS:
       seeds = sorted(s for s in set(ours) & set(theirs)
                      if metric in ours[s] and metric in theirs[s])
