@@ -14,8 +14,8 @@ Plans (issue 7; docs/results.md says which ran, how long they took, and what the
                off}, long-tailed Fashion-MNIST (imbalance 100), seed 0: 10 runs.
   paired       MSN and PMSN (tau_p and marginal from --tau/--marginal), seeds 0..--seeds-1.
   minibatch    balanced Fashion-MNIST, balanced vs skewed mini-batches, MSN and PMSN.
-  imbalance    imbalance {10, 100, 1000} x prototypes K {16, 64, 256, 1024}, MSN and PMSN,
-               short runs (500 steps unless --steps).
+  imbalance    imbalance {1000, 100, 10} x prototypes K {16, 64, 256, 1024}, MSN and PMSN
+               (tau_p and marginal from --tau/--marginal), short runs (500 steps unless --steps).
 Every run of a plan gets the same compute (steps x batch), so rows compare at equal cost.
 """
 
@@ -61,12 +61,15 @@ def plan_rows(plan: str, args) -> list[tuple[str, str, list[str]]]:
                      extra + ["--config.data.imbalance_ratio=1", "--config.seed=0",
                               f"--config.data.batch_class_skew={skew}"]))
   elif plan == "imbalance":
-    for ratio in (10, 100, 1000):
+    # Steepest imbalance first: there the uniform prior and the class distribution differ most,
+    # so a stopped map has its most informative cells.
+    for ratio in (1000, 100, 10):
       for k in (16, 64, 256, 1024):
         common = [f"--config.data.imbalance_ratio={ratio}", f"--config.model.num_prototypes={k}",
                   "--config.seed=0"]
         rows.append((f"msn_r{ratio}_k{k}", "msn", common))
-        rows.append((f"pmsn_r{ratio}_k{k}", "", common + pmsn(args.tau, args.marginal)))
+        rows.append((f"pmsn_tau{args.tau}_{args.marginal}_r{ratio}_k{k}", "",
+                     common + pmsn(args.tau, args.marginal)))
   else:
     raise SystemExit(f"unknown plan {plan!r}; choose from prior_grid, paired, minibatch, "
                      "imbalance (--list shows them).")
