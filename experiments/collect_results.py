@@ -31,7 +31,7 @@ def _load(path: str):
 def method_rows(regime: str, report_dir: str) -> list[dict]:
   rows = []
   for row in _load(os.path.join(report_dir, "results.json")):
-    msn = row["prior"] == "uniform" and row["sinkhorn_marginal"] == "uniform"
+    msn = row["msn"]  # the report's own test (pmsn_jax.report.is_msn)
     rows.append({"regime": regime, "method": "msn" if msn else "pmsn", "label": row["method"],
                  "prior": row["prior"],
                  "prior_exponent": None if msn else row["prior_exponent"],
@@ -65,7 +65,7 @@ def raw_pixel_row(run_dir: str) -> dict:
 def random_init_rows(regime: str, report_dir: str) -> list[dict]:
   """The random-init k-NN every run reports, once per regime (MSN groups' runs)."""
   for row in _load(os.path.join(report_dir, "results.json")):
-    if row.get("random_init_knn_top1_mean") is not None and row["prior"] == "uniform":
+    if row.get("random_init_knn_top1_mean") is not None and row["msn"]:
       return [{"regime": regime, "method": "random_init", "label": "random-init encoder",
                "prior": None, "prior_exponent": None, "sinkhorn_marginal": None,
                "seeds": row["seeds"], "knn_top1_mean": row["random_init_knn_top1_mean"],

@@ -37,8 +37,13 @@ def main():
   parser.add_argument("--prototypes", default="16,32,64,256,1024")
   parser.add_argument("--exponents", default="0.25,0.5,1,2")
   args = parser.parse_args()
-  ks = [int(k) for k in args.prototypes.split(",")]
-  taus = [float(t) for t in args.exponents.split(",")]
+  try:
+    ks = [int(k) for k in args.prototypes.split(",")]
+    taus = [float(t) for t in args.exponents.split(",")]
+  except ValueError as e:
+    parser.error(f"{e}; give comma-separated numbers, e.g. --prototypes=16,64 --exponents=0.5,1")
+  if min(ks) < 1 or min(taus) < 0:
+    parser.error("--prototypes must be >= 1 and --exponents >= 0")
   print("| K | " + " | ".join(f"τ_p={t:g}: eff. / head share" for t in taus) + " |")
   print("|---:|" + "---|" * len(taus))
   for k in ks:

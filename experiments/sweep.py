@@ -142,6 +142,12 @@ def main():
                       help="training steps of every run (0: the config's 2000; imbalance: 500); "
                       "use a separate --runs_dir per length")
   args = parser.parse_args()
+  for name in ("steps", "seeds", "parallel"):
+    if getattr(args, name) < (0 if name == "steps" else 1):
+      parser.error(f"--{name}={getattr(args, name)}: expected "
+                   f"{'>= 0' if name == 'steps' else '>= 1'}")
+  if not 0 <= args.skew <= 1:
+    parser.error(f"--skew={args.skew}: data.batch_class_skew must be in [0, 1]")
   plans = ("prior_grid", "paired", "minibatch", "imbalance") if args.list else (args.plan,)
   if not plans[0]:
     parser.error("name a plan, or --list")

@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 
 import numpy as np
 
 from pmsn_jax import paired, report_plots
+from pmsn_jax.run_dir import OPTIONAL_INPUTS, Run, RunDirError, is_number, load_run
 
 USER_ERROR_EXIT = 2
 USAGE = "python -m pmsn_jax.report RUN_DIR [RUN_DIR ...] --out DIR"
@@ -46,37 +46,6 @@ COLUMNS = (
 )
 BALANCED_KEYS = ("balanced_top1", "balanced_accuracy", "knn_balanced_top1")
 LINESTYLES = ("-", "--", ":", "-.")
-# What the report loses without each optional input of a run.
-OPTIONAL_INPUTS = {
-    "eval.json": "not in the table (run unfinished, or eval.enabled=False)",
-    "metrics.jsonl": "no training curves",
-    "prototypes.jsonl": "no prototype-usage plot",
-}
-
-
-class RunDirError(ValueError):
-  """A RUN_DIR (or --out) the report cannot use; the message names the fix."""
-
-
-@dataclasses.dataclass
-class Run:
-  path: str                      # as given on the command line
-  config: dict
-  eval: dict | None = None
-  metrics: list[dict] = dataclasses.field(default_factory=list)
-  prototypes: dict | None = None  # the last line of prototypes.jsonl
-  core_minutes: float | None = None  # wall time x cores, from experiments/sweep.py's driver.json
-  missing: list[str] = dataclasses.field(default_factory=list)  # OPTIONAL_INPUTS not found
-  warnings: list[str] = dataclasses.field(default_factory=list)
-  method: str = ""               # its group's label, set by group_runs
-  label: str = ""                # method and seed, ditto
-  style: dict = dataclasses.field(default_factory=dict)  # matplotlib line style, ditto
-
-  @property
-  def seed(self):
-    return self.config.get("seed")
-
-
 @dataclasses.dataclass
 class Group:
   label: str
@@ -89,88 +58,6 @@ class Cell:
   mean: float
   std: float | None
   n: int
-
-
-# ------------------------------------------------------------------------------------- loading
-
-def _is_number(x) -> bool:
-  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _read_json(path: str, fix: str):
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except OSError as e:
-    raise RunDirError(f"{path} cannot be read ({e.strerror}); {fix}") from None
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise RunDirError(f"{path} is not valid JSON ({e}); {fix}") from None
-
-
-def _read_jsonl(path: str) -> tuple[list[dict], int]:
-  """Rows with a "step", and the number of unreadable lines (a live run may be mid-write)."""
-  rows, bad = [], 0
-  with open(path) as f:
-    for line in f:
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        bad += 1
-        continue
-      if isinstance(row, dict) and _is_number(row.get("step")):
-        rows.append(row)
-      else:
-        bad += 1
-  return rows, bad
-
-
-def load_run(path: str) -> Run:
-  """Reads one workdir; raises RunDirError only when it is not a run at all."""
-  if not os.path.isdir(path):
-    what = "is a file, not a directory" if os.path.exists(path) else "does not exist"
-    raise RunDirError(f"run dir {path} {what}; pass the --workdir of a pmsn_jax.main run")
-  config_path = os.path.join(path, "config.json")
-  if not os.path.isfile(config_path):
-    raise RunDirError(f"run dir {path} has no config.json, so it is not a pmsn_jax.main "
-                      f"workdir (or its run never started); pass the --workdir of a run")
-  config = _read_json(config_path, "pass the --workdir of a pmsn_jax.main run")
-  if not isinstance(config, dict):
-    raise RunDirError(f"{config_path} holds no config dict; pass the --workdir of a run")
-  run = Run(path=path, config=config)
-
-  eval_path = os.path.join(path, "eval.json")
-  if os.path.isfile(eval_path):
-    fix = "delete it and rerun the run's pmsn_jax.main command (it resumes and evaluates)"
-    run.eval = _read_json(eval_path, fix)
-    if not isinstance(run.eval, dict):
-      raise RunDirError(f"{eval_path} holds no results dict; {fix}")
-  else:
-    run.missing.append("eval.json")
-
-  metrics_path = os.path.join(path, "metrics.jsonl")
-  if os.path.isfile(metrics_path):
-    run.metrics, bad = _read_jsonl(metrics_path)
-    if bad:
-      run.warnings.append(f"{bad} unreadable line(s) of metrics.jsonl skipped")
-  else:
-    run.missing.append("metrics.jsonl")
-
-  prototypes_path = os.path.join(path, "prototypes.jsonl")
-  rows = _read_jsonl(prototypes_path)[0] if os.path.isfile(prototypes_path) else []
-  if rows:
-    run.prototypes = rows[-1]
-  else:
-    run.missing.append("prototypes.jsonl")
-
-  driver = os.path.join(path, "driver.json")  # only runs started by experiments/sweep.py
-  if os.path.isfile(driver):
-    record = _read_json(driver, "delete it (it only feeds the cpu_minutes of results.json)")
-    if isinstance(record, dict) and _is_number(record.get("wall_s")) and _is_number(
-        record.get("cores")):
-      run.core_minutes = record["wall_s"] * record["cores"] / 60
-  return run
 
 
 # ------------------------------------------------------------------------------------ grouping
@@ -188,7 +75,7 @@ def flatten(config: dict, prefix: str = "") -> dict:
 
 
 def _fmt(value) -> str:
-  return f"{value:g}" if _is_number(value) else str(value)
+  return f"{value:g}" if is_number(value) else str(value)
 
 
 def method_label(config: dict) -> str:
@@ -206,6 +93,11 @@ def method_label(config: dict) -> str:
   if loss.get("kl_direction", "mean_to_prior") != "mean_to_prior":
     label += ", KL(π‖p̄)"
   return label
+
+
+def is_msn(config: dict) -> bool:
+  """The MSN baseline (uniform prior and marginal, default KL): what PMSN groups pair with."""
+  return method_label(config) == "MSN"
 
 
 def _group_labels(configs: list[dict]) -> list[str]:
@@ -251,9 +143,9 @@ def group_runs(runs: list[Run]) -> list[Group]:
 def balanced_accuracy(result: dict):
   """eval.json's balanced accuracy, else the mean of its per-class accuracies (the k-NN's)."""
   for key in BALANCED_KEYS:
-    if _is_number(result.get(key)):
+    if is_number(result.get(key)):
       return result[key]
-  per_class = [a for a in result.get("per_class_top1") or () if _is_number(a)]
+  per_class = [a for a in result.get("per_class_top1") or () if is_number(a)]
   return float(np.mean(per_class)) if per_class else None
 
 
@@ -270,9 +162,9 @@ def lowshot_numbers(lowshot) -> dict[str, float]:
     if isinstance(value, dict):
       value = next((value[k] for k in ("mean", "top1_mean", "top1", "accuracy") if k in value),
                    value.get("accuracies", value.get("splits")))
-    if isinstance(value, list) and value and all(_is_number(v) for v in value):
+    if isinstance(value, list) and value and all(is_number(v) for v in value):
       value = float(np.mean(value))
-    if _is_number(value):
+    if is_number(value):
       out[str(shots)] = float(value)
   return out
 
@@ -286,7 +178,7 @@ def eval_numbers(result: dict) -> dict[str, float]:
   numbers["balanced_top1"] = balanced_accuracy(result)
   numbers.update({f"lowshot_{shots}": v
                   for shots, v in lowshot_numbers(result.get("lowshot")).items()})
-  return {k: float(v) for k, v in numbers.items() if _is_number(v)}
+  return {k: float(v) for k, v in numbers.items() if is_number(v)}
 
 
 def aggregate(runs: list[Run]) -> dict[str, Cell]:
@@ -329,7 +221,7 @@ def results_table(groups: list[Group]) -> tuple[list[str], list[dict]]:
                  + " | ".join(format_cell(cells.get(key), len(evaluated)) for key, _ in columns)
                  + " |")
     loss = group.runs[0].config.get("loss", {})
-    row = {"method": group.label, "prior": loss.get("prior"),
+    row = {"method": group.label, "msn": is_msn(group.runs[0].config), "prior": loss.get("prior"),
            "prior_exponent": loss.get("prior_exponent"),
            "sinkhorn_marginal": ("off" if loss.get("sinkhorn_iters") == 0
                                  else loss.get("sinkhorn_marginal")),
@@ -376,7 +268,7 @@ def write_report(runs: list[Run], out: str) -> str:
   table, rows = results_table(groups)
   pairs = paired.paired_rows(
       groups, lambda run: eval_numbers(run.eval) if run.eval is not None else None, flatten,
-      lambda group: method_label(group.runs[0].config) == "MSN")
+      lambda group: is_msn(group.runs[0].config))
   plots = {"training_curves.png": lambda p: report_plots.plot_training_curves(runs, p),
            "knn_over_steps.png": lambda p: report_plots.plot_knn_over_steps(runs, p),
            "prototype_usage.png": lambda p: report_plots.plot_prototype_usage(runs, p),
@@ -446,12 +338,18 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--out", required=True, help="directory for report.md and its PNGs")
   args = parser.parse_args(argv)
   try:
-    paths = [os.path.realpath(p) for p in args.run_dirs]
-    twice = next((p for p, r in zip(args.run_dirs, paths) if paths.count(r) > 1), None)
+    # `report runs/PLAN/* --out=runs/PLAN/report` globs the report folder too: not a run.
+    run_dirs = [p for p in args.run_dirs if os.path.realpath(p) != os.path.realpath(args.out)]
+    if len(run_dirs) < len(args.run_dirs):
+      print(f"skipping {args.out}: it is --out, not a run dir")
+    if not run_dirs:
+      raise RunDirError("the only RUN_DIR given is --out; pass the workdirs of runs")
+    paths = [os.path.realpath(p) for p in run_dirs]
+    twice = next((p for p, r in zip(run_dirs, paths) if paths.count(r) > 1), None)
     if twice:
       raise RunDirError(f"run dir {twice} is given twice; pass each run once (a seed counted "
                         f"twice would shrink the std)")
-    report_path = write_report([load_run(p) for p in args.run_dirs], args.out)
+    report_path = write_report([load_run(p) for p in run_dirs], args.out)
   except RunDirError as e:
     print(f"error: {e}", file=sys.stderr)
     return USER_ERROR_EXIT

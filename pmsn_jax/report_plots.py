@@ -10,8 +10,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pmsn_jax.run_dir import Run, is_number
+
 if TYPE_CHECKING:  # type hints only: report.py imports this module
-  from pmsn_jax.report import Group, Run
+  from pmsn_jax.report import Group
 
 # Logged at every step but set by the config (schedules) or the machine, not learned.
 NOT_CURVES = ("step", "img_per_s", "eta_s", "skipped_images", "learning_rate", "weight_decay",
@@ -21,10 +23,6 @@ PROTOTYPE_KEYS = (("target_usage_sorted", "Sinkhorn targets"),
                   ("mean_prediction_sorted", "mean prediction p̄"),
                   ("prior_sorted", "prior π"))
 CLASSIFIERS = {"knn": "k-NN", "linear": "linear"}  # eval.json's per_class_classifier
-
-
-def _is_number(x) -> bool:
-  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 # ---------------------------------------------------------------------------------------- plots
@@ -46,14 +44,14 @@ def _panels(count: int, ncols: int = 3, size=(4.4, 3.2)):
 def series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
   """(steps, values) of `key`, sorted by step; a step logged twice (resumed run) keeps the
   last value."""
-  points = {int(row["step"]): float(row[key]) for row in rows if _is_number(row.get(key))}
+  points = {int(row["step"]): float(row[key]) for row in rows if is_number(row.get(key))}
   steps = np.array(sorted(points), dtype=np.int64)
   return steps, np.array([points[s] for s in steps], dtype=np.float64)
 
 
 def plot_training_curves(runs: list[Run], path: str) -> str | None:
   names = {k for run in runs for row in run.metrics for k, v in row.items()
-           if _is_number(v) and k not in NOT_CURVES and not k.startswith("eval/")}
+           if is_number(v) and k not in NOT_CURVES and not k.startswith("eval/")}
   if not names:
     return "no run has training metrics in metrics.jsonl"
   names = [n for n in FIRST_CURVES if n in names] + sorted(names - set(FIRST_CURVES))
@@ -96,7 +94,7 @@ def plot_prototype_usage(runs: list[Run], path: str) -> str | None:
     for key, name in PROTOTYPE_KEYS:
       values = run.prototypes.get(key)
       if isinstance(values, list) and values:  # zero usage has no place on a log axis: left out
-        values = np.array([v if _is_number(v) else np.nan for v in values], np.float64)
+        values = np.array([v if is_number(v) else np.nan for v in values], np.float64)
         ax.loglog(np.arange(1, values.size + 1), np.where(values > 0, values, np.nan),
                   label=name, linestyle="--" if key == "prior_sorted" else "-")
     ax.set(title=f"{run.label}\nstep {run.prototypes.get('step')}", xlabel="prototype rank",
@@ -114,7 +112,7 @@ def _per_class(runs: list[Run]):
   tables = [t for t in tables if len(t) == len(tables[0])] if tables else []
   if not tables:
     return None, None, None
-  acc = np.array([[a if _is_number(a) else np.nan for a in t] for t in tables], np.float64)
+  acc = np.array([[a if is_number(a) else np.nan for a in t] for t in tables], np.float64)
   present = np.isfinite(acc)
   n = present.sum(axis=0)
   mean = np.where(n > 0, np.where(present, acc, 0).sum(axis=0) / np.maximum(n, 1), np.nan)
@@ -124,7 +122,7 @@ def _per_class(runs: list[Run]):
     std = np.where(n > 1, np.sqrt(dev.sum(axis=0) / np.maximum(n - 1, 1)), np.nan)
   counts = next((run.eval.get("pretrain_class_counts") for run in runs if run.eval), None)
   ok = (isinstance(counts, list) and len(counts) == len(mean)
-        and all(_is_number(c) for c in counts))
+        and all(is_number(c) for c in counts))
   return mean, std, np.asarray(counts, np.float64) if ok else None
 
 

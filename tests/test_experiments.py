@@ -86,6 +86,20 @@ def test_unknown_plan_names_the_plans():
     sweep.plan_rows("grid", ARGS)
 
 
+@pytest.mark.parametrize("script,argv,message", [
+    ("sweep.py", ["paired", "--steps=-5"], "--steps=-5: expected >= 0"),
+    ("sweep.py", ["paired", "--seeds=0"], "--seeds=0: expected >= 1"),
+    ("sweep.py", ["minibatch", "--skew=2"], "must be in [0, 1]"),
+    ("prior_shapes.py", ["--prototypes=16,x"], "comma-separated numbers"),
+    ("prior_shapes.py", ["--exponents=-1"], "--exponents >= 0"),
+])
+def test_bad_arguments_fail_in_one_line(script, argv, message):
+  result = subprocess.run([sys.executable, f"experiments/{script}", *argv],
+                          cwd=ROOT, capture_output=True, text=True)
+  assert result.returncode == 2 and message in result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith(f"{script}: error:")
+
+
 def test_prior_shapes_effective_numbers():
   assert prior_shapes.effective_number(prior_shapes.power_law(32, 0.0)) == pytest.approx(32)
   assert prior_shapes.effective_number([0.5, 0.5, 0.0]) == pytest.approx(2)
@@ -100,12 +114,12 @@ def test_prior_shapes_effective_numbers():
 def test_collect_results_writes_method_and_paired_rows(tmp_path):
   report = tmp_path / "report"
   report.mkdir()
-  table = [{"method": "MSN", "prior": "uniform", "prior_exponent": 0.25,
+  table = [{"method": "MSN", "msn": True, "prior": "uniform", "prior_exponent": 0.25,
             "sinkhorn_marginal": "uniform", "seeds": [0, 1], "knn_top1_mean": 0.8,
             "knn_top1_std": 0.01, "linear_top1_mean": 0.77, "few_top1_mean": 0.9,
             "random_init_knn_top1_mean": 0.74, "random_init_knn_top1_std": 0.0,
             "cpu_minutes": 30.0},
-           {"method": "PMSN τ_p=1, Sinkhorn prior", "prior": "power_law", "prior_exponent": 1.0,
+           {"method": "PMSN τ_p=1, Sinkhorn prior", "msn": False, "prior": "power_law", "prior_exponent": 1.0,
             "sinkhorn_marginal": "prior", "seeds": [0, 1], "knn_top1_mean": 0.81,
             "knn_top1_std": 0.02, "linear_top1_mean": 0.78, "few_top1_mean": None,
             "cpu_minutes": 31.0}]

@@ -195,6 +195,11 @@ def test_bad_run_dirs_fail_in_one_line_with_status_2(tmp_path, capsys):
   run = _write_run(tmp_path / "run", _config(0))
   assert report.main([run, run, "--out", out]) == 2
   assert "given twice" in capsys.readouterr().err
+  # A glob like runs/PLAN/* also matches the plan's report folder: it is skipped, not an error.
+  assert report.main([run, out, "--out", out]) == 0
+  assert "skipping" in capsys.readouterr().out
+  assert report.main([out, "--out", out]) == 2
+  assert "only RUN_DIR given is --out" in capsys.readouterr().err
   with pytest.raises(SystemExit) as exit_info:
     report.main([run])  # no --out
   assert exit_info.value.code == 2 and capsys.readouterr().err.count("\n") == 1
