@@ -41,7 +41,7 @@ def difference_ci(differences, confidence: float = 0.95) -> tuple[float, float, 
   return mean, mean - half, mean + half
 
 
-def _setting(flat_config: dict) -> str:
+def setting_key(flat_config: dict) -> str:
   """The config minus seed and LOSS_KEYS, as a key for pairing groups."""
   return json.dumps({k: v for k, v in flat_config.items()
                      if k != "seed" and k not in LOSS_KEYS}, sort_keys=True, default=str)
@@ -62,10 +62,10 @@ def paired_rows(groups, numbers_of, flatten, is_msn) -> list[dict]:
   msn_by_setting = {}
   for group in groups:
     if is_msn(group):
-      msn_by_setting.setdefault(_setting(flatten(group.runs[0].config)), group)
+      msn_by_setting.setdefault(setting_key(flatten(group.runs[0].config)), group)
   rows = []
   for group in groups:
-    msn = msn_by_setting.get(_setting(flatten(group.runs[0].config)))
+    msn = msn_by_setting.get(setting_key(flatten(group.runs[0].config)))
     if msn is None or msn is group or is_msn(group):
       continue
     ours, theirs = _numbers_by_seed(group, numbers_of), _numbers_by_seed(msn, numbers_of)

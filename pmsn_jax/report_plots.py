@@ -1,6 +1,6 @@
 """The report's plots (pmsn_jax/report.py): one PNG each, matplotlib only, no pyplot state.
 
-Split from report.py so that module holds loading, grouping, the table and the CLI.
+Split from report.py so that module holds grouping, the table and the CLI (run_dir.py: loading).
 """
 
 from __future__ import annotations

@@ -149,3 +149,45 @@ def test_collect_results_writes_method_and_paired_rows(tmp_path):
   bad = subprocess.run([sys.executable, "experiments/collect_results.py", f"--out={out}",
                         f"--report={report}"], cwd=ROOT, capture_output=True, text=True)
   assert bad.returncode == 2 and "REGIME:DIR" in bad.stderr
+
+
+def test_imbalance_map_pairs_cells_and_seeds(tmp_path):
+  imbalance_map = _script("imbalance_map")
+
+  def run(name, ratio, k, knn, prior="power_law", marginal="prior", seed=0, nmi=0.5):
+    path = tmp_path / "plan" / name
+    path.mkdir(parents=True)
+    config = {"seed": seed, "model": {"num_prototypes": k}, "data": {"imbalance_ratio": ratio},
+              "loss": {"prior": prior, "prior_exponent": 1.0, "sinkhorn_marginal": marginal,
+                       "sinkhorn_iters": 3, "kl_direction": "mean_to_prior"}}
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "eval.json").write_text(json.dumps({"knn_top1": knn, "knn_lt_top1": knn - 0.1,
+                                                "linear_top1": knn, "groups": {"few": 0.5}}))
+    rows = [{"step": s, "loss": 1.0, "proto/nmi": nmi + s / 100, "prototypes_in_use": 10}
+            for s in range(1, 6)] + [{"step": 5, "eval/knn_top1": knn}]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+  run("msn_r1000_k16", 1000, 16, 0.70, "uniform", "uniform")
+  run("pmsn_r1000_k16", 1000, 16, 0.73)
+  run("msn_r10_k16", 10, 16, 0.80, "uniform", "uniform")
+  run("pmsn_r10_k16", 10, 16, 0.79)
+  run("pmsn_r10_k16_s1", 10, 16, 0.79, seed=1)  # no MSN run with seed 1: left out
+  out = tmp_path / "map"
+  assert imbalance_map.main([str(tmp_path / "plan"), f"--out={out}"]) == 0
+  rows = json.loads((out / "map.json").read_text())
+  assert [(r["imbalance_ratio"], r["num_prototypes"]) for r in rows] == [(1000, 16), (10, 16)]
+  assert rows[0]["diff_knn_top1"] == pytest.approx(0.03)
+  assert rows[1]["diff_linear_top1"] == pytest.approx(-0.01)
+  assert rows[0]["pmsn_clustering"]["proto/nmi"] == pytest.approx(0.54)  # steps 3-5
+  text = (out / "map.md").read_text()
+  assert "| 1000 | 16 | PMSN τ_p=1, Sinkhorn prior | 70.00 | 73.00 | +3.00 |" in text
+  assert "pmsn_r10_k16_s1" in text and (out / "map.png").read_bytes()[:4] == b"\x89PNG"
+  with pytest.raises(SystemExit):
+    imbalance_map.main([str(tmp_path / "nope")])
+  for name in ("msn_skewed", "pmsn_skewed"):  # one more pair in a cell, differing in skew
+    run(name, 1000, 16, 0.6, *(("uniform", "uniform") if name.startswith("msn") else ()))
+    config = json.loads((tmp_path / "plan" / name / "config.json").read_text())
+    config["data"]["batch_class_skew"] = 0.8
+    (tmp_path / "plan" / name / "config.json").write_text(json.dumps(config))
+  with pytest.raises(SystemExit):
+    imbalance_map.main([str(tmp_path / "plan"), f"--out={out}"])
