@@ -12,7 +12,8 @@ Then `python -m pmsn_jax.report RUNS/PLAN/* --out=RUNS/PLAN/report` makes the ta
 Plans (issue 7; docs/results.md says which ran, how long they took, and what they showed):
   prior_grid   MSN vs PMSN tau_p in {0.25, 0.5, 1} x Sinkhorn marginal in {prior, uniform,
                off}, long-tailed Fashion-MNIST (imbalance 100), seed 0: 10 runs.
-  paired       MSN and PMSN (tau_p and marginal from --tau/--marginal), seeds 0..--seeds-1.
+  paired       MSN and PMSN (tau_p and marginal from --tau/--marginal), seeds 0..--seeds-1;
+               --imbalance/--prototypes pick another cell.
   minibatch    balanced Fashion-MNIST, balanced vs skewed mini-batches, MSN and PMSN.
   imbalance    imbalance {1000, 100, 10} x prototypes K {16, 64, 256, 1024}, MSN and PMSN
                (tau_p and marginal from --tau/--marginal), short runs (500 steps unless --steps).
@@ -50,13 +51,24 @@ def plan_rows(plan: str, args) -> list[tuple[str, str, list[str]]]:
       for marginal in MARGINALS:
         rows.append((f"pmsn_tau{tau}_{marginal}_s0", "", pmsn(tau, marginal) + ["--config.seed=0"]))
   elif plan == "paired":
+    # --imbalance / --prototypes move the pair to another cell (e.g. one the imbalance map
+    # flagged); the run names then say which.
+    cell, common = "", []
+    if args.imbalance:
+      cell += f"r{args.imbalance:g}_"
+      common.append(f"--config.data.imbalance_ratio={args.imbalance:g}")
+    if args.prototypes:
+      cell += f"k{args.prototypes}_"
+      common.append(f"--config.model.num_prototypes={args.prototypes}")
     for seed in range(args.seeds):
-      rows.append((f"msn_s{seed}", "msn", [f"--config.seed={seed}"]))
-      rows.append((f"pmsn_tau{args.tau}_{args.marginal}_s{seed}", "",
-                   pmsn(args.tau, args.marginal) + [f"--config.seed={seed}"]))
+      rows.append((f"msn_{cell}s{seed}", "msn", common + [f"--config.seed={seed}"]))
+      rows.append((f"pmsn_tau{args.tau}_{args.marginal}_{cell}s{seed}", "",
+                   pmsn(args.tau, args.marginal) + common + [f"--config.seed={seed}"]))
   elif plan == "minibatch":
     for skew in (0.0, args.skew):
-      for method, arg, extra in (("msn", "msn", []), ("pmsn", "", pmsn(args.tau, args.marginal))):
+      for method, arg, extra in (("msn", "msn", []),
+                                 (f"pmsn_tau{args.tau}_{args.marginal}", "",
+                                  pmsn(args.tau, args.marginal))):
         rows.append((f"{method}_skew{skew}_s0", arg,
                      extra + ["--config.data.imbalance_ratio=1", "--config.seed=0",
                               f"--config.data.batch_class_skew={skew}"]))
@@ -137,15 +149,20 @@ def main():
   parser.add_argument("--tau", type=float, default=0.25, help="PMSN tau_p (paired, ...)")
   parser.add_argument("--marginal", choices=sorted(MARGINALS), default="prior")
   parser.add_argument("--seeds", type=int, default=3)
+  parser.add_argument("--imbalance", type=float, default=0,
+                      help="paired: data.imbalance_ratio of both methods (0: the config's 100)")
+  parser.add_argument("--prototypes", type=int, default=0,
+                      help="paired: model.num_prototypes of both methods (0: the config's 32)")
   parser.add_argument("--skew", type=float, default=0.8, help="batch_class_skew (minibatch)")
   parser.add_argument("--steps", type=int, default=0,
                       help="training steps of every run (0: the config's 2000; imbalance: 500); "
                       "use a separate --runs_dir per length")
   args = parser.parse_args()
-  for name in ("steps", "seeds", "parallel"):
-    if getattr(args, name) < (0 if name == "steps" else 1):
-      parser.error(f"--{name}={getattr(args, name)}: expected "
-                   f"{'>= 0' if name == 'steps' else '>= 1'}")
+  for name, low in (("steps", 0), ("seeds", 1), ("parallel", 1), ("prototypes", 0)):
+    if getattr(args, name) < low:
+      parser.error(f"--{name}={getattr(args, name)}: expected >= {low}")
+  if args.imbalance and args.imbalance < 1:
+    parser.error(f"--imbalance={args.imbalance:g}: expected >= 1 (or 0 for the config's)")
   if not 0 <= args.skew <= 1:
     parser.error(f"--skew={args.skew}: data.batch_class_skew must be in [0, 1]")
   plans = ("prior_grid", "paired", "minibatch", "imbalance") if args.list else (args.plan,)

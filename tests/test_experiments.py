@@ -24,7 +24,8 @@ def _script(name):
 
 sweep, prior_shapes = _script("sweep"), _script("prior_shapes")
 
-ARGS = types.SimpleNamespace(tau=0.25, marginal="prior", seeds=3, skew=0.8, steps=0)
+ARGS = types.SimpleNamespace(tau=0.25, marginal="prior", seeds=3, skew=0.8, steps=0,
+                             imbalance=0, prototypes=0)
 
 
 def _overrides(rows):
@@ -55,6 +56,13 @@ def test_paired_plan_gives_both_methods_the_same_seeds():
   for (name, arg, _), o in zip(rows, _overrides(rows)):
     seeds.setdefault(arg or "pmsn", []).append(o["seed"])
   assert seeds == {"msn": ["0", "1", "2"], "pmsn": ["0", "1", "2"]}
+  # In another cell both methods move there, and the names say so.
+  rows = sweep.plan_rows("paired", types.SimpleNamespace(**{**vars(ARGS), "imbalance": 1000.0,
+                                                            "prototypes": 16}))
+  assert [name for name, _, _ in rows[:2]] == ["msn_r1000_k16_s0",
+                                              "pmsn_tau0.25_prior_r1000_k16_s0"]
+  assert all(o["data.imbalance_ratio"] == "1000" and o["model.num_prototypes"] == "16"
+             for o in _overrides(rows))
 
 
 def test_length_overrides_keep_the_schedule_shape():
@@ -89,6 +97,7 @@ def test_unknown_plan_names_the_plans():
 @pytest.mark.parametrize("script,argv,message", [
     ("sweep.py", ["paired", "--steps=-5"], "--steps=-5: expected >= 0"),
     ("sweep.py", ["paired", "--seeds=0"], "--seeds=0: expected >= 1"),
+    ("sweep.py", ["paired", "--imbalance=0.5"], "--imbalance=0.5: expected >= 1"),
     ("sweep.py", ["minibatch", "--skew=2"], "must be in [0, 1]"),
     ("prior_shapes.py", ["--prototypes=16,x"], "comma-separated numbers"),
     ("prior_shapes.py", ["--exponents=-1"], "--exponents >= 0"),
@@ -119,7 +128,8 @@ def test_collect_results_writes_method_and_paired_rows(tmp_path):
             "knn_top1_std": 0.01, "linear_top1_mean": 0.77, "few_top1_mean": 0.9,
             "random_init_knn_top1_mean": 0.74, "random_init_knn_top1_std": 0.0,
             "cpu_minutes": 30.0},
-           {"method": "PMSN τ_p=1, Sinkhorn prior", "msn": False, "prior": "power_law", "prior_exponent": 1.0,
+           {"method": "PMSN τ_p=1, Sinkhorn prior", "msn": False, "prior": "power_law",
+            "prior_exponent": 1.0,
             "sinkhorn_marginal": "prior", "seeds": [0, 1], "knn_top1_mean": 0.81,
             "knn_top1_std": 0.02, "linear_top1_mean": 0.78, "few_top1_mean": None,
             "cpu_minutes": 31.0}]
