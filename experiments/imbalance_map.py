@@ -7,8 +7,9 @@ Pairs each PMSN run with the MSN run of the same config apart from the loss (so 
 OUT/map.json (its rows) and OUT/map.png (PMSN − MSN k-NN per cell, one panel per PMSN setting).
 Next to the accuracies it shows what the prior did to the clustering, averaged over the last
 LAST_ROWS training log rows: the effective number of prototypes of the prior and of the mean
-prediction p̄, the prototypes in use (argmax) and the NMI of assignments vs classes. With one seed per cell a difference under the demo's seed
-spread (~1.6 k-NN points) is no evidence: the map says where to spend paired seeds.
+prediction p̄, the prototypes in use (argmax) and the NMI of assignments vs classes. With one
+seed per cell a difference under the demo's seed spread (~1.6 k-NN points) is no evidence: the
+map says where to spend paired seeds.
 """
 
 from __future__ import annotations
