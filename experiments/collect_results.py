@@ -86,6 +86,9 @@ def main():
     regime, sep, report_dir = spec.partition(":")
     if not sep or not os.path.exists(os.path.join(report_dir, "results.json")):
       parser.error(f"--report={spec}: give REGIME:DIR, DIR the --out of pmsn_jax.report")
+    if any("msn" not in row for row in _load(os.path.join(report_dir, "results.json"))):
+      parser.error(f"--report={spec}: its results.json predates the report's \"msn\" column; "
+                   f"rerun python -m pmsn_jax.report with --out={report_dir}")
     rows += random_init_rows(regime, report_dir) + method_rows(regime, report_dir)
     pairs += paired_rows(regime, report_dir)
   with open(args.out, "w") as f:

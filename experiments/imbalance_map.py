@@ -159,11 +159,12 @@ def main(argv=None) -> int:
     json.dump(rows, f, indent=2)
   paired_paths = {r[key] for r in rows for key in ("pmsn_run", "msn_run")}
   unpaired = [r.path for r in runs if r.eval is not None and r.path not in paired_paths]
+  table = markdown(rows)
   with open(os.path.join(out, "map.md"), "w") as f:
-    f.write("\n".join(markdown(rows) + ["", f"{len(rows)} pairs; evaluated runs without a "
-                                        f"partner, left out: {unpaired or 'none'}.", ""]))
+    f.write("\n".join(table + ["", f"{len(rows)} pairs; evaluated runs without a partner, left "
+                                f"out: {unpaired or 'none'}.", ""]))
   plot(rows, os.path.join(out, "map.png"))
-  print("\n".join(markdown(rows)))
+  print("\n".join(table))
   print(f"wrote {out}/map.md, map.json, map.png")
   return 0
 

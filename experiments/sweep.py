@@ -42,6 +42,19 @@ def pmsn(tau: float, marginal: str) -> list[str]:
           *MARGINALS[marginal]]
 
 
+def cell_of(ratio: float, prototypes: int) -> tuple[str, list[str]]:
+  """(run-name part, overrides) of an imbalance x K cell, e.g. ("r1000_k16_", [...]); a 0 keeps
+  the config's value and adds nothing."""
+  name, overrides = "", []
+  if ratio:
+    name += f"r{ratio:g}_"
+    overrides.append(f"--config.data.imbalance_ratio={ratio:g}")
+  if prototypes:
+    name += f"k{prototypes}_"
+    overrides.append(f"--config.model.num_prototypes={prototypes}")
+  return name, overrides
+
+
 def plan_rows(plan: str, args) -> list[tuple[str, str, list[str]]]:
   """-> [(run name, config arg, overrides)] for a plan."""
   rows = []
@@ -53,13 +66,7 @@ def plan_rows(plan: str, args) -> list[tuple[str, str, list[str]]]:
   elif plan == "paired":
     # --imbalance / --prototypes move the pair to another cell (e.g. one the imbalance map
     # flagged); the run names then say which.
-    cell, common = "", []
-    if args.imbalance:
-      cell += f"r{args.imbalance:g}_"
-      common.append(f"--config.data.imbalance_ratio={args.imbalance:g}")
-    if args.prototypes:
-      cell += f"k{args.prototypes}_"
-      common.append(f"--config.model.num_prototypes={args.prototypes}")
+    cell, common = cell_of(args.imbalance, args.prototypes)
     for seed in range(args.seeds):
       rows.append((f"msn_{cell}s{seed}", "msn", common + [f"--config.seed={seed}"]))
       rows.append((f"pmsn_tau{args.tau}_{args.marginal}_{cell}s{seed}", "",
@@ -77,10 +84,10 @@ def plan_rows(plan: str, args) -> list[tuple[str, str, list[str]]]:
     # so a stopped map has its most informative cells.
     for ratio in (1000, 100, 10):
       for k in (16, 64, 256, 1024):
-        common = [f"--config.data.imbalance_ratio={ratio}", f"--config.model.num_prototypes={k}",
-                  "--config.seed=0"]
-        rows.append((f"msn_r{ratio}_k{k}", "msn", common))
-        rows.append((f"pmsn_tau{args.tau}_{args.marginal}_r{ratio}_k{k}", "",
+        cell, common = cell_of(ratio, k)
+        common.append("--config.seed=0")
+        rows.append((f"msn_{cell}".rstrip("_"), "msn", common))
+        rows.append((f"pmsn_tau{args.tau}_{args.marginal}_{cell}".rstrip("_"), "",
                      common + pmsn(args.tau, args.marginal)))
   else:
     raise SystemExit(f"unknown plan {plan!r}; choose from prior_grid, paired, minibatch, "
