@@ -71,7 +71,7 @@ def main(argv):
                              allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   except preemption.Preempted as e:
     print(f"stopped: {e}", file=sys.stderr)
-    sys.exit(preemption.EXIT_STATUS)
+    preemption.exit_preempted()
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
     logging.debug("user error", exc_info=True)
     print(f"error: {e}", file=sys.stderr)
