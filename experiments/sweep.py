@@ -5,8 +5,9 @@
 
 Each run is `python -m pmsn_jax.main --config=configs/demo.py[:msn] --workdir=RUNS/PLAN/NAME
 <overrides>`; a run whose eval.json exists is skipped, a half-finished one resumes from its
-checkpoint (training resumes by itself). Next to each run the driver writes driver.json:
-{"command", "wall_s", "returncode", "finished"} — the report's CPU minutes come from there.
+checkpoint (training resumes by itself). Next to each run the driver keeps driver.json:
+{"command", "wall_s", "parts", "cores", "returncode", "finished"}, updated every minute, wall_s
+summed over every part of a resumed run — the report's CPU minutes come from there.
 Then `python -m pmsn_jax.report RUNS/PLAN/* --out=RUNS/PLAN/report` makes the tables and plots.
 
 Plans (issue 7; docs/results.md says which ran, how long they took, and what they showed):
@@ -126,20 +127,49 @@ def run_one(workdir: str, config_arg: str, overrides: list[str], dry_run: bool,
   if dry_run:
     return " ".join(command)
   os.makedirs(workdir, exist_ok=True)
-  start = time.time()
   pin = {} if core is None else dict(env=single_threaded_env(),
                                       preexec_fn=lambda: os.sched_setaffinity(0, {core}))
+  cores = 1 if core is not None else len(os.sched_getaffinity(0))
   with open(os.path.join(workdir, "driver.log"), "a") as log:
-    returncode = subprocess.call(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, **pin)
-  record = {"command": " ".join(command[1:]), "wall_s": round(time.time() - start, 1),
-            # Cores the run had: wall_s x cores is what the report calls its cpu_minutes.
-            "cores": 1 if core is not None else len(os.sched_getaffinity(0)),
-            "pinned_core": core,
-            "returncode": returncode, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                time.gmtime())}
-  with open(os.path.join(workdir, "driver.json"), "w") as f:
-    json.dump(record, f, indent=2)
-  return f"rc={returncode} {record['wall_s']:.0f}s {workdir}"
+    record = timed_call(command, os.path.join(workdir, "driver.json"), cores=cores,
+                        pinned_core=core, stdout=log, stderr=subprocess.STDOUT, **pin)
+  return f"rc={record['returncode']} {record['wall_s']:.0f}s {workdir}"
+
+
+def timed_call(command: list[str], record_path: str, *, cores: int, pinned_core: int | None,
+               update_every_s: float = 60.0, **popen_kwargs) -> dict:
+  """Runs `command`, keeping record_path (driver.json) up to date while it runs.
+
+  wall_s adds up every part of a run: a run stopped (the driver killed at a session's end)
+  and resumed later keeps the time of its earlier parts, to within update_every_s.
+  wall_s x cores is what the report calls a run's cpu_minutes.
+  """
+  earlier, parts = 0.0, 0
+  if os.path.exists(record_path):
+    with open(record_path) as f:
+      previous = json.load(f)
+    earlier, parts = float(previous.get("wall_s", 0.0)), int(previous.get("parts", 1))
+  record = {"command": " ".join(command[1:]), "wall_s": earlier, "parts": parts + 1,
+            "cores": cores, "pinned_core": pinned_core, "returncode": None, "finished": None}
+
+  def write():
+    with open(record_path + ".tmp", "w") as f:
+      json.dump(record, f, indent=2)
+    os.replace(record_path + ".tmp", record_path)  # a killed driver never leaves half a file
+
+  start = time.time()
+  proc = subprocess.Popen(command, cwd=ROOT, **popen_kwargs)
+  while True:
+    try:
+      record["returncode"] = proc.wait(timeout=update_every_s)
+      break
+    except subprocess.TimeoutExpired:
+      record["wall_s"] = round(earlier + time.time() - start, 1)
+      write()
+  record["wall_s"] = round(earlier + time.time() - start, 1)
+  record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+  write()
+  return record
 
 
 def main():

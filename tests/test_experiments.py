@@ -89,6 +89,31 @@ def test_a_finished_run_is_skipped_and_a_dry_run_only_prints(tmp_path):
   assert not (tmp_path / "new").exists()
 
 
+def test_driver_record_adds_up_the_parts_of_a_resumed_run(tmp_path, monkeypatch):
+  record_path = str(tmp_path / "driver.json")
+  # A first part whose driver was killed: only its periodic record is left.
+  (tmp_path / "driver.json").write_text(json.dumps({"wall_s": 100.0, "parts": 1,
+                                                    "returncode": None}))
+  seen_while_running = []
+  command = [sys.executable, "-c", "import time; time.sleep(0.6)"]
+  original_write = json.dump
+
+  def spy(obj, f, **kw):
+    seen_while_running.append(dict(obj))
+    return original_write(obj, f, **kw)
+
+  monkeypatch.setattr(sweep.json, "dump", spy)
+  record = sweep.timed_call(command, record_path, cores=1, pinned_core=0, update_every_s=0.1)
+  monkeypatch.undo()
+  assert record["returncode"] == 0 and record["parts"] == 2
+  assert 100.5 <= record["wall_s"] < 130
+  assert json.loads((tmp_path / "driver.json").read_text()) == record
+  # Updated while the command ran, before it finished.
+  running = [r for r in seen_while_running if r["finished"] is None]
+  assert running and all(100 < r["wall_s"] <= record["wall_s"] for r in running)
+  assert not (tmp_path / "driver.json.tmp").exists()
+
+
 def test_unknown_plan_names_the_plans():
   with pytest.raises(SystemExit, match="prior_grid, paired, minibatch"):
     sweep.plan_rows("grid", ARGS)
