@@ -57,12 +57,10 @@ def _partner_key(run) -> tuple[str, object]:
 
 def map_rows(runs) -> list[dict]:
   """One row per PMSN run with an MSN run of the same config (loss aside) and seed."""
-  msn = {_partner_key(r): r for r in runs if r.eval is not None and report.is_msn(r.config)}
   rows = []
-  for run in runs:
-    partner = msn.get(_partner_key(run))
-    if run.eval is None or report.is_msn(run.config) or partner is None:
-      continue
+  evaluated = [r for r in runs if r.eval is not None]
+  for run, partner in paired.with_msn_partner(evaluated, _partner_key,
+                                              lambda r: report.is_msn(r.config)):
     ours, theirs = report.eval_numbers(run.eval), report.eval_numbers(partner.eval)
     ratio, k = cell_of(run.config)
     rows.append({

@@ -47,6 +47,20 @@ def setting_key(flat_config: dict) -> str:
                      if k != "seed" and k not in LOSS_KEYS}, sort_keys=True, default=str)
 
 
+def with_msn_partner(items, key_of, is_msn) -> list[tuple]:
+  """(item, its MSN partner) for every non-MSN item whose key_of equals an MSN item's.
+
+  items: run groups (paired seeds) or single runs (the imbalance map); key_of gives the
+  setting_key of a group, or (setting_key, seed) of a run. The first MSN item of a key wins.
+  """
+  msn_by_key = {}
+  for item in items:
+    if is_msn(item):
+      msn_by_key.setdefault(key_of(item), item)
+  return [(item, msn_by_key[key_of(item)]) for item in items
+          if not is_msn(item) and key_of(item) in msn_by_key]
+
+
 def _numbers_by_seed(group, numbers_of) -> dict:
   """{seed: numbers} of the group's evaluated runs (numbers_of is called once per run)."""
   return {run.seed: numbers for run in group.runs if (numbers := numbers_of(run))}
@@ -59,15 +73,9 @@ def paired_rows(groups, numbers_of, flatten, is_msn) -> list[dict]:
   run); flatten(config) -> flat dict; is_msn(group) -> bool. Only pairs with >= 2 shared,
   evaluated seeds give rows (a single seed has no interval).
   """
-  msn_by_setting = {}
-  for group in groups:
-    if is_msn(group):
-      msn_by_setting.setdefault(setting_key(flatten(group.runs[0].config)), group)
   rows = []
-  for group in groups:
-    msn = msn_by_setting.get(setting_key(flatten(group.runs[0].config)))
-    if msn is None or msn is group or is_msn(group):
-      continue
+  for group, msn in with_msn_partner(
+      groups, lambda g: setting_key(flatten(g.runs[0].config)), is_msn):
     ours, theirs = _numbers_by_seed(group, numbers_of), _numbers_by_seed(msn, numbers_of)
     for metric, _ in METRICS:
       seeds = sorted(s for s in set(ours) & set(theirs)
