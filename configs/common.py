@@ -84,6 +84,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.loss.sinkhorn_iters = 3
   c.loss.sinkhorn_marginal = "prior"        # prior | uniform
   c.loss.kl_direction = "mean_to_prior"     # mean_to_prior | prior_to_mean
+  c.loss.prior_order = "fixed"              # fixed | sorted (docs/sorted_prior.md)
   c.loss.reg_weight = 1.0
   c.loss.temperature = 0.1
   c.loss.target_temperature = 0.25

@@ -43,6 +43,14 @@ def pmsn(tau: float, marginal: str) -> list[str]:
           *MARGINALS[marginal]]
 
 
+def pmsn_of(args) -> tuple[str, list[str]]:
+  """(run-name prefix, overrides) of the PMSN named by --tau/--marginal/--sorted_prior."""
+  name, overrides = f"pmsn_tau{args.tau}_{args.marginal}", pmsn(args.tau, args.marginal)
+  if args.sorted_prior:
+    name, overrides = name + "_sorted", overrides + ["--config.loss.prior_order=sorted"]
+  return name, overrides
+
+
 def cell_of(ratio: float, prototypes: int) -> tuple[str, list[str]]:
   """(run-name part, overrides) of an imbalance x K cell, e.g. ("r1000_k16_", [...]); a 0 keeps
   the config's value and adds nothing."""
@@ -68,15 +76,14 @@ def plan_rows(plan: str, args) -> list[tuple[str, str, list[str]]]:
     # --imbalance / --prototypes move the pair to another cell (e.g. one the imbalance map
     # flagged); the run names then say which.
     cell, common = cell_of(args.imbalance, args.prototypes)
+    name, extra = pmsn_of(args)
     for seed in range(args.seeds):
       rows.append((f"msn_{cell}s{seed}", "msn", common + [f"--config.seed={seed}"]))
-      rows.append((f"pmsn_tau{args.tau}_{args.marginal}_{cell}s{seed}", "",
-                   pmsn(args.tau, args.marginal) + common + [f"--config.seed={seed}"]))
+      rows.append((f"{name}_{cell}s{seed}", "", extra + common + [f"--config.seed={seed}"]))
   elif plan == "minibatch":
+    name, overrides = pmsn_of(args)
     for skew in (0.0, args.skew):
-      for method, arg, extra in (("msn", "msn", []),
-                                 (f"pmsn_tau{args.tau}_{args.marginal}", "",
-                                  pmsn(args.tau, args.marginal))):
+      for method, arg, extra in (("msn", "msn", []), (name, "", overrides)):
         rows.append((f"{method}_skew{skew}_s0", arg,
                      extra + ["--config.data.imbalance_ratio=1", "--config.seed=0",
                               f"--config.data.batch_class_skew={skew}"]))
@@ -88,8 +95,8 @@ def plan_rows(plan: str, args) -> list[tuple[str, str, list[str]]]:
         cell, common = cell_of(ratio, k)
         common.append("--config.seed=0")
         rows.append((f"msn_{cell}".rstrip("_"), "msn", common))
-        rows.append((f"pmsn_tau{args.tau}_{args.marginal}_{cell}".rstrip("_"), "",
-                     common + pmsn(args.tau, args.marginal)))
+        name, extra = pmsn_of(args)
+        rows.append((f"{name}_{cell}".rstrip("_"), "", common + extra))
   else:
     raise SystemExit(f"unknown plan {plan!r}; choose from prior_grid, paired, minibatch, "
                      "imbalance (--list shows them).")
@@ -185,6 +192,8 @@ def main():
   parser.add_argument("--dry_run", action="store_true")
   parser.add_argument("--tau", type=float, default=0.25, help="PMSN tau_p (paired, ...)")
   parser.add_argument("--marginal", choices=sorted(MARGINALS), default="prior")
+  parser.add_argument("--sorted_prior", action="store_true",
+                      help="PMSN with loss.prior_order=sorted (docs/sorted_prior.md)")
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--imbalance", type=float, default=0,
                       help="paired: data.imbalance_ratio of both methods (0: the config's 100)")

@@ -22,6 +22,7 @@ import numpy as np
 
 SINKHORN_MARGINALS = ("prior", "uniform")
 KL_DIRECTIONS = ("mean_to_prior", "prior_to_mean")
+PRIOR_ORDERS = ("fixed", "sorted")
 _PRIOR_SUM_ATOL = 1e-4
 
 
@@ -146,6 +147,16 @@ def sinkhorn(probs: jnp.ndarray, marginal: jnp.ndarray,
   return jnp.exp(_log_sinkhorn(log_p, marginal, num_iters, "probs", False))
 
 
+def rank_matched_prior(prior: jnp.ndarray, usage: jnp.ndarray) -> jnp.ndarray:
+  """The prior's values reordered so that the most used prototype gets the largest one.
+
+  Ties in `usage` keep prototype order (a stable sort). No gradient flows through the
+  ranking: it only decides which prototype each prior value is asked of.
+  """
+  order = jnp.argsort(-jax.lax.stop_gradient(usage), stable=True)
+  return jnp.zeros_like(prior).at[order].set(jnp.sort(prior)[::-1])
+
+
 def _l2_normalize(x: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
   """x / max(‖x‖, eps) like torch F.normalize; finite gradient at x = 0."""
   sq = jnp.sum(x * x, axis=-1, keepdims=True)
@@ -174,6 +185,7 @@ def pmsn_loss_with_aux(
     sinkhorn_marginal: str = "prior",
     reg_weight: float = 1.0,
     kl_direction: str = "mean_to_prior",
+    prior_order: str = "fixed",
 ) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray], Dict[str, jnp.ndarray]]:
   """PMSN loss L = CE(P, p_a) + reg_weight · KL against the prior.
 
@@ -191,6 +203,13 @@ def pmsn_loss_with_aux(
     reg_weight: λ on the regulariser.
     kl_direction: "mean_to_prior" R = KL(p̄‖π) (default; ME-MAX for uniform π)
       or "prior_to_mean" R = KL(π‖p̄) (what lightly computes).
+    prior_order: "fixed" (π_k belongs to prototype k: the paper and every known
+      implementation) or "sorted" (not in the paper; docs/sorted_prior.md): each
+      step gives the largest π to the prototype the batch's raw targets use most,
+      the second largest to the next, and so on, for both Sinkhorn and the KL. A
+      fixed order asks prototype 1 to take π_1 of every batch, whichever class
+      fills it; the sorted order asks only that the batch's cluster sizes have
+      the prior's shape (permuting the prototypes permutes nothing in the loss).
 
   Returns:
     (loss, metrics, aux): scalar float32 loss; float32 scalars "loss", "ce",
@@ -225,6 +244,8 @@ def pmsn_loss_with_aux(
   if kl_direction not in KL_DIRECTIONS:
     raise ValueError(f"kl_direction must be one of {KL_DIRECTIONS}, "
                      f"got {kl_direction!r}.")
+  if prior_order not in PRIOR_ORDERS:
+    raise ValueError(f"prior_order must be one of {PRIOR_ORDERS}, got {prior_order!r}.")
   for name, value in (("temperature", temperature),
                       ("target_temperature", target_temperature)):
     if _is_concrete(value) and not value > 0:
@@ -237,7 +258,6 @@ def pmsn_loss_with_aux(
   anchors, targets, prototypes = (
       _l2_normalize(x.astype(f32)) for x in (anchors, targets, prototypes))
   prior = jnp.asarray(prior, f32)
-  log_prior = jnp.log(prior)
 
   # Anchor predictions p_a = softmax(â Q̂ᵀ / τ), [B, V, K].
   log_p_anchor = jax.nn.log_softmax(
@@ -247,6 +267,10 @@ def pmsn_loss_with_aux(
   # gradient on the logits covers the whole target path (targets, prototypes).
   target_logits = jax.lax.stop_gradient(
       targets @ prototypes.T / (temperature * target_temperature))
+  raw_target_usage = jnp.mean(jax.nn.softmax(target_logits, axis=-1), axis=0)
+  if prior_order == "sorted":
+    prior = rank_matched_prior(prior, raw_target_usage)
+  log_prior = jnp.log(prior)
   marginal = (prior if sinkhorn_marginal == "prior"
               else jnp.full((num_prototypes,), 1.0 / num_prototypes, f32))
   p_target = jnp.exp(_log_sinkhorn(target_logits, marginal, sinkhorn_iters,
@@ -279,7 +303,7 @@ def pmsn_loss_with_aux(
   }
   aux = {
       "target_usage": jnp.mean(p_target, axis=0),
-      "raw_target_usage": jnp.mean(jax.nn.softmax(target_logits, axis=-1), axis=0),
+      "raw_target_usage": raw_target_usage,
       "mean_prediction": p_mean,
       "assignments": assignments,
   }

@@ -28,7 +28,7 @@ METRICS = (
 # What tells MSN and PMSN apart (configs/common.py `msn`), ignored when pairing groups.
 LOSS_KEYS = ("loss.prior", "loss.prior_exponent", "loss.sinkhorn_marginal",
              "loss.sinkhorn_iters", "loss.kl_direction", "loss.prior_fit_source",
-             "loss.prior_fit_warmup_steps", "loss.custom_prior")
+             "loss.prior_fit_warmup_steps", "loss.custom_prior", "loss.prior_order")
 
 
 def difference_ci(differences, confidence: float = 0.95) -> tuple[float, float, float]:

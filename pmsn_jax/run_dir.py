@@ -21,6 +21,11 @@ class RunDirError(ValueError):
   """A RUN_DIR (or --out) the report cannot use; the message names the fix."""
 
 
+# Config keys added after runs were made, with the value older runs behaved as: so an old run
+# and a new one with the same settings still group as seeds of one method.
+ADDED_CONFIG_KEYS = {("loss", "prior_order"): "fixed"}
+
+
 @dataclasses.dataclass
 class Run:
   path: str                      # as given on the command line
@@ -85,6 +90,9 @@ def load_run(path: str) -> Run:
   config = _read_json(config_path, "pass the --workdir of a pmsn_jax.main run")
   if not isinstance(config, dict):
     raise RunDirError(f"{config_path} holds no config dict; pass the --workdir of a run")
+  for (section, key), value in ADDED_CONFIG_KEYS.items():  # runs made before the key existed
+    if isinstance(config.get(section), dict):
+      config[section].setdefault(key, value)
   run = Run(path=path, config=config)
 
   eval_path = os.path.join(path, "eval.json")

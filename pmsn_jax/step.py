@@ -118,7 +118,8 @@ def make_loss_fn(graphdef, config):
   loss_kwargs = dict(
       temperature=config.loss.temperature, target_temperature=config.loss.target_temperature,
       sinkhorn_iters=config.loss.sinkhorn_iters, sinkhorn_marginal=config.loss.sinkhorn_marginal,
-      reg_weight=config.loss.reg_weight, kl_direction=config.loss.kl_direction)
+      reg_weight=config.loss.reg_weight, kl_direction=config.loss.kl_direction,
+      prior_order=config.loss.prior_order)
   mask_ratio = float(config.model.mask_ratio)
 
   def loss_fn(params, target, batch_stats, batch, rng):

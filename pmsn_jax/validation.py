@@ -17,6 +17,7 @@ PRIORS = ("power_law", "uniform", "custom", "fit")
 PRIOR_FIT_SOURCES = ("labels", "clusters")  # prior_fit.FIT_SOURCES
 MARGINALS = ("prior", "uniform")
 KL_DIRECTIONS = ("mean_to_prior", "prior_to_mean")
+PRIOR_ORDERS = ("fixed", "sorted")
 
 
 def _require(ok: bool, key: str, value, need: str) -> None:
@@ -177,6 +178,8 @@ def validate(config) -> None:
            loss.sinkhorn_marginal, f"expected one of {MARGINALS}")
   _require(loss.kl_direction in KL_DIRECTIONS, "loss.kl_direction", loss.kl_direction,
            f"expected one of {KL_DIRECTIONS}")
+  _require(loss.prior_order in PRIOR_ORDERS, "loss.prior_order", loss.prior_order,
+           f"expected one of {PRIOR_ORDERS}")
   _positive_int(config, "loss.sinkhorn_iters", allow_zero=True)
   for key in ("temperature", "target_temperature"):
     _require(loss[key] > 0, f"loss.{key}", loss[key], "expected > 0")

@@ -19,7 +19,7 @@ ARGS = {"demo": [None, "smoke", "msn", "smoke,msn"], "pmsn_vits16_inat18": [None
         "pmsn_vitb16_inat18": [None, "msn"], "pmsn_vitl16_inat18": [None, "msn"]}
 REQUIRED = ["seed", "batch_size", "total_steps", "log_every_steps", "checkpoint_every_steps",
             "mesh", "model", "data", "loss.prior", "loss.prior_exponent", "loss.sinkhorn_iters",
-            "loss.sinkhorn_marginal", "loss.kl_direction", "loss.reg_weight"]
+            "loss.sinkhorn_marginal", "loss.kl_direction", "loss.prior_order", "loss.reg_weight"]
 
 
 def load(name, arg=None):
@@ -78,6 +78,7 @@ def test_official_recipes_match_method_md():
     ("loss.prior_exponent", -1.0, "loss.prior_exponent"),
     ("loss.sinkhorn_marginal", "off", "loss.sinkhorn_marginal"),
     ("loss.kl_direction", "forward", "loss.kl_direction"),
+    ("loss.prior_order", "ranked", "loss.prior_order"),
     ("loss.temperature", 0.0, "loss.temperature"),
     ("loss.sinkhorn_iters", -1, "loss.sinkhorn_iters"),
     ("optim.ema_momentum", 1.5, "optim.ema_momentum"),

@@ -24,7 +24,7 @@ def _script(name):
 
 sweep, prior_shapes = _script("sweep"), _script("prior_shapes")
 
-ARGS = types.SimpleNamespace(tau=0.25, marginal="prior", seeds=3, skew=0.8, steps=0,
+ARGS = types.SimpleNamespace(tau=0.25, marginal="prior", sorted_prior=False, seeds=3, skew=0.8, steps=0,
                              imbalance=0, prototypes=0)
 
 

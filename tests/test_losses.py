@@ -44,7 +44,7 @@ def np_sinkhorn(p, marginal, num_iters):
 
 def np_pmsn(anchors, targets, prototypes, prior, *, temperature,
             target_temperature, sinkhorn_iters, sinkhorn_marginal, reg_weight,
-            kl_direction):
+            kl_direction, prior_order="fixed"):
   a, t, q = (np_normalize(np.asarray(x, np.float64))
              for x in (anchors, targets, prototypes))
   prior = np.asarray(prior, np.float64)
@@ -53,6 +53,10 @@ def np_pmsn(anchors, targets, prototypes, prior, *, temperature,
   p_t = np_softmax(t @ q.T / temperature)
   p_plus = p_t ** (1.0 / target_temperature)
   p_plus /= p_plus.sum(axis=1, keepdims=True)
+  if prior_order == "sorted":  # the largest prior value to the most used prototype
+    ranked = np.empty_like(prior)
+    ranked[np.argsort(-p_plus.mean(axis=0), kind="stable")] = np.sort(prior)[::-1]
+    prior = ranked
   marginal = prior if sinkhorn_marginal == "prior" else np.full(k, 1.0 / k)
   p = np_sinkhorn(p_plus, marginal, sinkhorn_iters)
   ce = np.mean(-np.sum(p[:, None, :] * np.log(p_a), axis=-1))
@@ -133,6 +137,38 @@ def test_loss_matches_numpy_reference(shape):
           np.testing.assert_allclose(
               metrics["reg"][i], np.log(k) - metrics["mean_entropy"][i],
               atol=1e-5, err_msg=where)
+
+
+@pytest.mark.parametrize("kl_direction", losses.KL_DIRECTIONS)
+def test_sorted_prior_matches_numpy_reference(kl_direction):
+  b, v, d, k = 8, 3, 16, 12
+  config = dict(DEFAULT, kl_direction=kl_direction, prior_order="sorted")
+  for seed in range(3):
+    anchors, targets, prototypes = make_inputs(b, v, d, k, seed=seed)
+    prior = np_power_law(k, 1.0)
+    _, metrics = losses.pmsn_loss(anchors, targets, prototypes, prior, **config)
+    ref = np_pmsn(anchors, targets, prototypes, prior, **config)
+    for key in ("loss", "ce", "reg"):
+      np.testing.assert_allclose(metrics[key], ref[key], rtol=1e-5, atol=1e-5,
+                                 err_msg=f"{key} seed={seed}")
+
+
+def test_sorted_prior_ignores_prototype_order_and_fixed_does_not():
+  anchors, targets, prototypes = make_inputs(8, 3, 16, 12, seed=7)
+  prior = losses.power_law_prior(12, 1.0)
+  permuted = prototypes[np.random.default_rng(0).permutation(12)]
+  loss = {order: [float(losses.pmsn_loss(anchors, targets, q, prior, prior_order=order)[0])
+                  for q in (prototypes, permuted)] for order in losses.PRIOR_ORDERS}
+  np.testing.assert_allclose(loss["sorted"][0], loss["sorted"][1], rtol=1e-5)
+  assert abs(loss["fixed"][0] - loss["fixed"][1]) > 1e-3
+
+
+def test_rank_matched_prior_gives_the_largest_value_to_the_most_used():
+  prior = jnp.array([0.5, 0.3, 0.2])
+  ranked = losses.rank_matched_prior(prior, jnp.array([0.1, 0.6, 0.3]))
+  np.testing.assert_allclose(ranked, [0.2, 0.5, 0.3])
+  tied = losses.rank_matched_prior(prior, jnp.full(3, 1 / 3))  # ties: prototype order
+  np.testing.assert_allclose(tied, prior)
 
 
 def test_extreme_temperatures_stay_finite():
@@ -301,6 +337,7 @@ def _call(**overrides):
     (dict(sinkhorn_marginal="sorted"), "sinkhorn_marginal.*'prior', 'uniform'"),
     (dict(kl_direction="reverse"),
      "kl_direction.*'mean_to_prior', 'prior_to_mean'"),
+    (dict(prior_order="ranked"), "prior_order.*'fixed', 'sorted'"),
     (dict(temperature=0.0), "temperature"),
     (dict(target_temperature=-1.0), "target_temperature"),
     (dict(sinkhorn_iters=-1), "sinkhorn_iters"),

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from pmsn_jax import report
+from pmsn_jax import report, run_dir
 from tests import subprocess_runs
 from tests.subprocess_runs import ROOT
 
@@ -111,6 +111,18 @@ def test_method_labels():
   off["loss"]["sinkhorn_iters"] = 0
   assert report.method_label(off) == "PMSN τ_p=0.25, Sinkhorn off"
   assert report.method_label(_config(0, "fit")) == "PMSN τ_p fitted, Sinkhorn prior"
+  ranked = _config(0, exponent=2.0)
+  ranked["loss"]["prior_order"] = "sorted"
+  assert report.method_label(ranked) == "PMSN τ_p=2, Sinkhorn prior, sorted prior"
+
+
+def test_runs_from_before_prior_order_group_with_fixed_order_runs(tmp_path):
+  new = _config(1)
+  new["loss"]["prior_order"] = "fixed"
+  runs = [run_dir.load_run(_write_run(tmp_path / name, config, _eval(0.8)))
+          for name, config in (("old", _config(0)), ("new", new))]
+  groups = report.group_runs(runs)
+  assert len(groups) == 1 and [r.seed for r in groups[0].runs] == [0, 1]
 
 
 def test_report_of_hand_made_runs_notes_missing_inputs(tmp_path):
