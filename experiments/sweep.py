@@ -6,8 +6,9 @@
 Each run is `python -m pmsn_jax.main --config=configs/demo.py[:msn] --workdir=RUNS/PLAN/NAME
 <overrides>`; a run whose eval.json exists is skipped, a half-finished one resumes from its
 checkpoint (training resumes by itself). Next to each run the driver keeps driver.json:
-{"command", "wall_s", "parts", "cores", "returncode", "finished"}, updated every minute, wall_s
-summed over every part of a resumed run — the report's CPU minutes come from there.
+{"command", "wall_s", "core_s", "parts", "cores", "pinned_core", "returncode", "finished"},
+updated every minute; wall_s and core_s (wall x cores) are summed over the parts of a resumed
+run — the report's CPU minutes are core_s / 60.
 Then `python -m pmsn_jax.report RUNS/PLAN/* --out=RUNS/PLAN/report` makes the tables and plots.
 
 Plans (issue 7; docs/results.md says which ran, how long they took, and what they showed):
@@ -68,6 +69,9 @@ def plan_rows(plan: str, args) -> list[tuple[str, str, list[str]]]:
   """-> [(run name, config arg, overrides)] for a plan."""
   rows = []
   if plan == "prior_grid":
+    if args.sorted_prior:
+      raise SystemExit("prior_grid is the paper's fixed-order grid; --sorted_prior applies to "
+                       "paired, minibatch and imbalance")
     rows.append(("msn_s0", "msn", ["--config.seed=0"]))
     for tau in (0.25, 0.5, 1.0):
       for marginal in MARGINALS:
@@ -123,6 +127,12 @@ def single_threaded_env() -> dict[str, str]:
   return env
 
 
+def has_checkpoint(workdir: str) -> bool:
+  """pmsn_jax.main will resume: a finished step directory exists under checkpoints/."""
+  directory = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
+
+
 def run_one(workdir: str, config_arg: str, overrides: list[str], dry_run: bool,
             core: int | None = None) -> str:
   """Runs one training run (skipped if done); core: pin it, single-threaded, to that CPU."""
@@ -139,44 +149,68 @@ def run_one(workdir: str, config_arg: str, overrides: list[str], dry_run: bool,
   cores = 1 if core is not None else len(os.sched_getaffinity(0))
   with open(os.path.join(workdir, "driver.log"), "a") as log:
     record = timed_call(command, os.path.join(workdir, "driver.json"), cores=cores,
-                        pinned_core=core, stdout=log, stderr=subprocess.STDOUT, **pin)
+                        pinned_core=core, resumes=has_checkpoint(workdir), stdout=log,
+                        stderr=subprocess.STDOUT, **pin)
   return f"rc={record['returncode']} {record['wall_s']:.0f}s {workdir}"
 
 
 def timed_call(command: list[str], record_path: str, *, cores: int, pinned_core: int | None,
-               update_every_s: float = 60.0, **popen_kwargs) -> dict:
-  """Runs `command`, keeping record_path (driver.json) up to date while it runs.
+               resumes: bool, update_every_s: float = 60.0, **popen_kwargs) -> dict:
+  """Runs `command` from the repository root, keeping record_path (driver.json) up to date.
 
-  wall_s adds up every part of a run: a run stopped (the driver killed at a session's end)
-  and resumed later keeps the time of its earlier parts, to within update_every_s.
-  wall_s x cores is what the report calls a run's cpu_minutes.
+  resumes: the run continues from a checkpoint, so the time of its earlier parts (a driver
+  killed at a session's end, a crash) is added; otherwise it starts from zero. wall_s and
+  core_s (wall x cores of each part: what the report calls cpu_minutes) are kept to within
+  update_every_s. If the driver itself is interrupted, the run gets SIGTERM (it saves a
+  checkpoint and exits 143) and the record is written before the driver goes.
   """
-  earlier, parts = 0.0, 0
-  if os.path.exists(record_path):
-    with open(record_path) as f:
-      previous = json.load(f)
-    earlier, parts = float(previous.get("wall_s", 0.0)), int(previous.get("parts", 1))
-  record = {"command": " ".join(command[1:]), "wall_s": earlier, "parts": parts + 1,
-            "cores": cores, "pinned_core": pinned_core, "returncode": None, "finished": None}
+  earlier_wall, earlier_core, parts = 0.0, 0.0, 0
+  if resumes:
+    earlier_wall, earlier_core, parts = _earlier_parts(record_path)
+  record = {"command": " ".join(command[1:]), "wall_s": earlier_wall, "core_s": earlier_core,
+            "parts": parts + 1, "cores": cores, "pinned_core": pinned_core,
+            "returncode": None, "finished": None}
 
-  def write():
+  def write(start):
+    part = time.time() - start
+    record.update(wall_s=round(earlier_wall + part, 1),
+                  core_s=round(earlier_core + part * cores, 1))
     with open(record_path + ".tmp", "w") as f:
       json.dump(record, f, indent=2)
     os.replace(record_path + ".tmp", record_path)  # a killed driver never leaves half a file
 
   start = time.time()
-  proc = subprocess.Popen(command, cwd=ROOT, **popen_kwargs)
-  while True:
+  with subprocess.Popen(command, cwd=ROOT, **popen_kwargs) as proc:
     try:
-      record["returncode"] = proc.wait(timeout=update_every_s)
-      break
-    except subprocess.TimeoutExpired:
-      record["wall_s"] = round(earlier + time.time() - start, 1)
-      write()
-  record["wall_s"] = round(earlier + time.time() - start, 1)
+      while record["returncode"] is None:
+        try:
+          record["returncode"] = proc.wait(timeout=update_every_s)
+        except subprocess.TimeoutExpired:
+          write(start)
+    except BaseException:  # Ctrl-C, SIGTERM to the driver: stop the run cleanly, then record
+      proc.terminate()
+      record["returncode"] = proc.wait()
+      write(start)
+      raise
   record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-  write()
+  write(start)
   return record
+
+
+def _earlier_parts(record_path: str) -> tuple[float, float, int]:
+  """(wall_s, core_s, parts) of an earlier driver.json; zeros (with a warning) if unusable."""
+  if not os.path.exists(record_path):
+    return 0.0, 0.0, 0
+  try:
+    with open(record_path) as f:
+      previous = json.load(f)
+    wall = float(previous["wall_s"])
+    core = float(previous.get("core_s", wall * float(previous.get("cores", 1))))
+    return wall, core, int(previous.get("parts", 1))
+  except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+    print(f"warning: {record_path} unreadable ({e}); this run's earlier time is not counted",
+          file=sys.stderr)
+    return 0.0, 0.0, 0
 
 
 def main():

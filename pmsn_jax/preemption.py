@@ -57,12 +57,15 @@ def exit_preempted() -> None:
   One process skips the interpreter's teardown (os._exit): tearing down TensorFlow and XLA
   took 4-7 s after the checkpoint (smoke and demo configs, busy cores; 0.3 s without it),
   and a campaign run pinned to one core was still exiting 20 s later: time a spot VM's ~30 s
-  notice does not have. Nothing left to tear down holds data (the checkpoint is committed;
-  metrics and stdio are flushed). Several processes keep the normal exit, so that
+  notice does not have. Nothing left to tear down holds data (the checkpoint is committed,
+  the metric writer closed, stdio flushed). Several processes keep the normal exit, so that
   jax.distributed's shutdown barrier runs.
   """
-  sys.stdout.flush()
-  sys.stderr.flush()
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError):  # a closed pipe (the launching shell is gone) must not
+      pass                         # turn "checkpoint saved, exit 143" into a crash
   if jax.process_count() == 1:
     os._exit(EXIT_STATUS)
   sys.exit(EXIT_STATUS)

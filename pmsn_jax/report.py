@@ -90,7 +90,7 @@ def method_label(config: dict) -> str:
             "fit": "PMSN τ_p fitted", "uniform": "uniform prior",
             "custom": "PMSN custom prior"}.get(prior, f"prior {prior}")
     label = f"{name}, Sinkhorn {marginal}"
-    if loss.get("prior_order", "fixed") == "sorted":
+    if loss.get("prior_order", "fixed") == "sorted" and prior != "uniform":  # else a no-op
       label += ", sorted prior"
   if loss.get("kl_direction", "mean_to_prior") != "mean_to_prior":
     label += ", KL(π‖p̄)"

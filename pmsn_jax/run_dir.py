@@ -122,7 +122,9 @@ def load_run(path: str) -> Run:
   driver = os.path.join(path, "driver.json")  # only runs started by experiments/sweep.py
   if os.path.isfile(driver):
     record = _read_json(driver, "delete it (it only feeds the cpu_minutes of results.json)")
-    if isinstance(record, dict) and is_number(record.get("wall_s")) and is_number(
-        record.get("cores")):
+    if isinstance(record, dict) and is_number(record.get("core_s")):  # summed over parts
+      run.core_minutes = record["core_s"] / 60
+    elif isinstance(record, dict) and is_number(record.get("wall_s")) and is_number(
+        record.get("cores")):  # driver.json from before core_s
       run.core_minutes = record["wall_s"] * record["cores"] / 60
   return run

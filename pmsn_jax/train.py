@@ -270,6 +270,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
         ckpt.save(current, state)
       if stop:
         ckpt.close()  # waits for the save to commit
+        writer.close()  # the process may exit without teardown (preemption.exit_preempted)
         raise Preempted(current)
 
       if (config.eval.enabled and config.eval_every_steps and current < config.total_steps

@@ -24,8 +24,8 @@ def _script(name):
 
 sweep, prior_shapes = _script("sweep"), _script("prior_shapes")
 
-ARGS = types.SimpleNamespace(tau=0.25, marginal="prior", sorted_prior=False, seeds=3, skew=0.8, steps=0,
-                             imbalance=0, prototypes=0)
+ARGS = types.SimpleNamespace(tau=0.25, marginal="prior", sorted_prior=False, seeds=3, skew=0.8,
+                             steps=0, imbalance=0, prototypes=0)
 
 
 def _overrides(rows):
@@ -65,6 +65,17 @@ def test_paired_plan_gives_both_methods_the_same_seeds():
              for o in _overrides(rows))
 
 
+def test_sorted_prior_runs_are_named_and_configured_apart():
+  args = types.SimpleNamespace(**{**vars(ARGS), "sorted_prior": True, "tau": 2.0})
+  names = [name for name, _, _ in sweep.plan_rows("minibatch", args)]
+  assert names == ["msn_skew0.0_s0", "pmsn_tau2.0_prior_sorted_skew0.0_s0",
+                   "msn_skew0.8_s0", "pmsn_tau2.0_prior_sorted_skew0.8_s0"]
+  overrides = _overrides(sweep.plan_rows("minibatch", args))
+  assert [o.get("loss.prior_order") for o in overrides] == [None, "sorted", None, "sorted"]
+  with pytest.raises(SystemExit, match="fixed-order grid"):
+    sweep.plan_rows("prior_grid", args)
+
+
 def test_length_overrides_keep_the_schedule_shape():
   assert sweep.length_overrides(0) == []
   o = dict(x.removeprefix("--config.").split("=") for x in sweep.length_overrides(1000))
@@ -91,9 +102,9 @@ def test_a_finished_run_is_skipped_and_a_dry_run_only_prints(tmp_path):
 
 def test_driver_record_adds_up_the_parts_of_a_resumed_run(tmp_path, monkeypatch):
   record_path = str(tmp_path / "driver.json")
-  # A first part whose driver was killed: only its periodic record is left.
-  (tmp_path / "driver.json").write_text(json.dumps({"wall_s": 100.0, "parts": 1,
-                                                    "returncode": None}))
+  # A first part whose driver was killed: only its periodic record is left (1 core pinned).
+  (tmp_path / "driver.json").write_text(json.dumps({"wall_s": 100.0, "core_s": 100.0,
+                                                    "parts": 1, "returncode": None}))
   seen_while_running = []
   command = [sys.executable, "-c", "import time; time.sleep(0.6)"]
   original_write = json.dump
@@ -103,15 +114,40 @@ def test_driver_record_adds_up_the_parts_of_a_resumed_run(tmp_path, monkeypatch)
     return original_write(obj, f, **kw)
 
   monkeypatch.setattr(sweep.json, "dump", spy)
-  record = sweep.timed_call(command, record_path, cores=1, pinned_core=0, update_every_s=0.1)
+  record = sweep.timed_call(command, record_path, cores=2, pinned_core=None, resumes=True,
+                            update_every_s=0.1)
   monkeypatch.undo()
   assert record["returncode"] == 0 and record["parts"] == 2
-  assert 100.5 <= record["wall_s"] < 130
+  part = record["wall_s"] - 100
+  assert 0.5 <= part < 30
+  # This part had 2 cores: core_s adds wall x cores per part, not total wall x last cores.
+  assert record["core_s"] == pytest.approx(100 + 2 * part, abs=0.2)
   assert json.loads((tmp_path / "driver.json").read_text()) == record
   # Updated while the command ran, before it finished.
   running = [r for r in seen_while_running if r["finished"] is None]
   assert running and all(100 < r["wall_s"] <= record["wall_s"] for r in running)
   assert not (tmp_path / "driver.json.tmp").exists()
+
+
+@pytest.mark.parametrize("earlier, resumes", [('{"wall_s": 100.0, "cores": 1}', False),
+                                              ('{"wall_s": 10', True), ('[1, 2]', True),
+                                              ('{"wall_s": null}', True)])
+def test_driver_record_starts_from_zero_for_a_fresh_run_or_an_unusable_record(
+    tmp_path, capsys, earlier, resumes):
+  record_path = tmp_path / "driver.json"
+  record_path.write_text(earlier)
+  record = sweep.timed_call([sys.executable, "-c", "pass"], str(record_path), cores=1,
+                            pinned_core=None, resumes=resumes)
+  assert record["returncode"] == 0 and record["parts"] == 1 and record["wall_s"] < 30
+  assert ("unreadable" in capsys.readouterr().err) == resumes
+
+
+def test_has_checkpoint_needs_a_finished_step(tmp_path):
+  assert not sweep.has_checkpoint(str(tmp_path))
+  (tmp_path / "checkpoints" / "8.orbax-checkpoint-tmp-1").mkdir(parents=True)
+  assert not sweep.has_checkpoint(str(tmp_path))
+  (tmp_path / "checkpoints" / "8").mkdir()
+  assert sweep.has_checkpoint(str(tmp_path))
 
 
 def test_unknown_plan_names_the_plans():

@@ -145,12 +145,15 @@ def test_sorted_prior_matches_numpy_reference(kl_direction):
   config = dict(DEFAULT, kl_direction=kl_direction, prior_order="sorted")
   for seed in range(3):
     anchors, targets, prototypes = make_inputs(b, v, d, k, seed=seed)
-    prior = np_power_law(k, 1.0)
+    # A custom prior in no particular order: sorting it is part of what is checked.
+    prior = np.random.default_rng(seed).permutation(np_power_law(k, 1.0))
     _, metrics = losses.pmsn_loss(anchors, targets, prototypes, prior, **config)
     ref = np_pmsn(anchors, targets, prototypes, prior, **config)
     for key in ("loss", "ce", "reg"):
       np.testing.assert_allclose(metrics[key], ref[key], rtol=1e-5, atol=1e-5,
                                  err_msg=f"{key} seed={seed}")
+    fixed = np_pmsn(anchors, targets, prototypes, prior, **dict(config, prior_order="fixed"))
+    assert abs(fixed["loss"] - ref["loss"]) > 1e-3  # the ranking changed something
 
 
 def test_sorted_prior_ignores_prototype_order_and_fixed_does_not():
@@ -169,6 +172,8 @@ def test_rank_matched_prior_gives_the_largest_value_to_the_most_used():
   np.testing.assert_allclose(ranked, [0.2, 0.5, 0.3])
   tied = losses.rank_matched_prior(prior, jnp.full(3, 1 / 3))  # ties: prototype order
   np.testing.assert_allclose(tied, prior)
+  unsorted = losses.rank_matched_prior(jnp.array([0.3, 0.2, 0.5]), jnp.array([0.1, 0.6, 0.3]))
+  np.testing.assert_allclose(unsorted, [0.2, 0.5, 0.3])
 
 
 def test_extreme_temperatures_stay_finite():

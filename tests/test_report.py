@@ -114,6 +114,8 @@ def test_method_labels():
   ranked = _config(0, exponent=2.0)
   ranked["loss"]["prior_order"] = "sorted"
   assert report.method_label(ranked) == "PMSN τ_p=2, Sinkhorn prior, sorted prior"
+  ranked["loss"].update(prior="uniform", sinkhorn_marginal="uniform")  # sorting uniform: no-op
+  assert report.method_label(ranked) == "MSN"
 
 
 def test_runs_from_before_prior_order_group_with_fixed_order_runs(tmp_path):
