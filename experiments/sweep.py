@@ -94,12 +94,12 @@ def plan_rows(plan: str, args) -> list[tuple[str, str, list[str]]]:
   elif plan == "imbalance":
     # Steepest imbalance first: there the uniform prior and the class distribution differ most,
     # so a stopped map has its most informative cells.
+    name, extra = pmsn_of(args)
     for ratio in (1000, 100, 10):
       for k in (16, 64, 256, 1024):
         cell, common = cell_of(ratio, k)
         common.append("--config.seed=0")
         rows.append((f"msn_{cell}".rstrip("_"), "msn", common))
-        name, extra = pmsn_of(args)
         rows.append((f"{name}_{cell}".rstrip("_"), "", common + extra))
   else:
     raise SystemExit(f"unknown plan {plan!r}; choose from prior_grid, paired, minibatch, "

@@ -9,15 +9,13 @@ from __future__ import annotations
 import difflib
 import re
 
+from pmsn_jax import losses
 from pmsn_jax.data import sampling, sources
 from pmsn_jax.models import vit
 
 SOURCE_SCHEMES = tuple(form.split(":")[0] for form in sources.SOURCE_FORMS)
 PRIORS = ("power_law", "uniform", "custom", "fit")
 PRIOR_FIT_SOURCES = ("labels", "clusters")  # prior_fit.FIT_SOURCES
-MARGINALS = ("prior", "uniform")
-KL_DIRECTIONS = ("mean_to_prior", "prior_to_mean")
-PRIOR_ORDERS = ("fixed", "sorted")
 
 
 def _require(ok: bool, key: str, value, need: str) -> None:
@@ -174,12 +172,13 @@ def validate(config) -> None:
              "loss.prior_fit_warmup_steps", loss.prior_fit_warmup_steps,
              f"expected 0 < steps < total_steps={config.total_steps} with prior_fit_source="
              f"'clusters' (the uniform warm-up must end before training does)")
-  _require(loss.sinkhorn_marginal in MARGINALS, "loss.sinkhorn_marginal",
-           loss.sinkhorn_marginal, f"expected one of {MARGINALS}")
-  _require(loss.kl_direction in KL_DIRECTIONS, "loss.kl_direction", loss.kl_direction,
-           f"expected one of {KL_DIRECTIONS}")
-  _require(loss.prior_order in PRIOR_ORDERS, "loss.prior_order", loss.prior_order,
-           f"expected one of {PRIOR_ORDERS}")
+  # The loss's own lists of accepted values: one source for the loss and for this check.
+  _require(loss.sinkhorn_marginal in losses.SINKHORN_MARGINALS, "loss.sinkhorn_marginal",
+           loss.sinkhorn_marginal, f"expected one of {losses.SINKHORN_MARGINALS}")
+  _require(loss.kl_direction in losses.KL_DIRECTIONS, "loss.kl_direction", loss.kl_direction,
+           f"expected one of {losses.KL_DIRECTIONS}")
+  _require(loss.prior_order in losses.PRIOR_ORDERS, "loss.prior_order", loss.prior_order,
+           f"expected one of {losses.PRIOR_ORDERS}")
   _positive_int(config, "loss.sinkhorn_iters", allow_zero=True)
   for key in ("temperature", "target_temperature"):
     _require(loss[key] > 0, f"loss.{key}", loss[key], "expected > 0")
