@@ -6,8 +6,8 @@
 
 Each --report=REGIME:DIR is the --out of `python -m pmsn_jax.report` (its results.json and
 paired.json); REGIME names the table it came from. The rows follow issue 7's schema:
-  method rows  {"regime", "method", "label", "prior", "prior_exponent", "sinkhorn_marginal",
-                "seeds", "knn_top1_mean", "knn_top1_std", "linear_top1_mean", "few_top1_mean",
+  method rows  {"regime", "method", "label", "prior", "prior_exponent", "prior_order",
+                "sinkhorn_marginal", "seeds", "knn_top1_mean", "knn_top1_std", "linear_top1_mean", "few_top1_mean",
                 "cpu_minutes"}; method is "msn", "pmsn", "raw_pixels" or "random_init";
   paired rows  {"regime", "metric", "seeds", "pmsn_minus_msn_mean", "ci95_low", "ci95_high"}
                (plus "label" and "versus": the two groups compared).
@@ -35,6 +35,7 @@ def method_rows(regime: str, report_dir: str) -> list[dict]:
     rows.append({"regime": regime, "method": "msn" if msn else "pmsn", "label": row["method"],
                  "prior": row["prior"],
                  "prior_exponent": None if msn else row["prior_exponent"],
+                 "prior_order": row.get("prior_order"),  # None for MSN and pre-order reports
                  "sinkhorn_marginal": row["sinkhorn_marginal"], "seeds": row["seeds"],
                  **{k: row.get(k) for k in MAIN_KEYS}, "cpu_minutes": row.get("cpu_minutes")})
   return rows
@@ -54,7 +55,8 @@ def raw_pixel_row(run_dir: str) -> dict:
   driver = os.path.join(run_dir, "driver.json")
   record = _load(driver) if os.path.exists(driver) else {}
   return {"regime": "baseline", "method": "raw_pixels", "label": "raw pixels", "prior": None,
-          "prior_exponent": None, "sinkhorn_marginal": None, "seeds": [],
+          "prior_exponent": None, "prior_order": None,
+          "sinkhorn_marginal": None, "seeds": [],
           "knn_top1_mean": result["knn_top1"], "knn_top1_std": None,
           "linear_top1_mean": result.get("linear_top1"),
           "few_top1_mean": (result.get("groups") or {}).get("few"),
@@ -67,7 +69,8 @@ def random_init_rows(regime: str, report_dir: str) -> list[dict]:
   for row in _load(os.path.join(report_dir, "results.json")):
     if row.get("random_init_knn_top1_mean") is not None and row["msn"]:
       return [{"regime": regime, "method": "random_init", "label": "random-init encoder",
-               "prior": None, "prior_exponent": None, "sinkhorn_marginal": None,
+               "prior": None, "prior_exponent": None, "prior_order": None,
+          "sinkhorn_marginal": None,
                "seeds": row["seeds"], "knn_top1_mean": row["random_init_knn_top1_mean"],
                "knn_top1_std": row.get("random_init_knn_top1_std"), "linear_top1_mean": None,
                "few_top1_mean": None, "cpu_minutes": None}]

@@ -19,6 +19,9 @@ Plans (issue 7; docs/results.md says which ran, how long they took, and what the
   minibatch    balanced Fashion-MNIST, balanced vs skewed mini-batches, MSN and PMSN.
   imbalance    imbalance {1000, 100, 10} x prototypes K {16, 64, 256, 1024}, MSN and PMSN
                (tau_p and marginal from --tau/--marginal), short runs (500 steps unless --steps).
+  long         one demo-config PMSN run of --steps (e.g. 16000: runs/long/pmsn_16k), with the
+               demo's own warm-up and a k-NN evaluation every quarter: longer training against
+               raw pixels.
 Every run of a plan gets the same compute (steps x batch), so rows compare at equal cost.
 """
 
@@ -34,6 +37,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PLANS = ("prior_grid", "paired", "minibatch", "imbalance", "long")
 MARGINALS = {"prior": ["--config.loss.sinkhorn_marginal=prior"],
              "uniform": ["--config.loss.sinkhorn_marginal=uniform"],
              "off": ["--config.loss.sinkhorn_iters=0"]}
@@ -101,9 +105,16 @@ def plan_rows(plan: str, args) -> list[tuple[str, str, list[str]]]:
         common.append("--config.seed=0")
         rows.append((f"msn_{cell}".rstrip("_"), "msn", common))
         rows.append((f"{name}_{cell}".rstrip("_"), "", common + extra))
+  elif plan == "long":
+    if not args.steps:
+      raise SystemExit("long needs --steps (the demo config's own length is 2000), e.g. "
+                       "--steps=16000")
+    rows.append((f"pmsn_{args.steps / 1000:g}k", "", [f"--config.total_steps={args.steps}",
+                                                       f"--config.eval_every_steps="
+                                                       f"{max(1, args.steps // 4)}"]))
   else:
-    raise SystemExit(f"unknown plan {plan!r}; choose from prior_grid, paired, minibatch, "
-                     "imbalance (--list shows them).")
+    raise SystemExit(f"unknown plan {plan!r}; choose from {', '.join(PLANS)} (--list shows "
+                     "them).")
   return rows
 
 
@@ -235,8 +246,8 @@ def main():
                       help="paired: model.num_prototypes of both methods (0: the config's 32)")
   parser.add_argument("--skew", type=float, default=0.8, help="batch_class_skew (minibatch)")
   parser.add_argument("--steps", type=int, default=0,
-                      help="training steps of every run (0: the config's 2000; imbalance: 500); "
-                      "use a separate --runs_dir per length")
+                      help="training steps of every run (0: the config's 2000; imbalance: 500; "
+                      "long: required); use a separate --runs_dir per length")
   args = parser.parse_args()
   for name, low in (("steps", 0), ("seeds", 1), ("parallel", 1), ("prototypes", 0)):
     if getattr(args, name) < low:
@@ -245,12 +256,13 @@ def main():
     parser.error(f"--imbalance={args.imbalance:g}: expected >= 1 (or 0 for the config's)")
   if not 0 <= args.skew <= 1:
     parser.error(f"--skew={args.skew}: data.batch_class_skew must be in [0, 1]")
-  plans = ("prior_grid", "paired", "minibatch", "imbalance") if args.list else (args.plan,)
+  plans = tuple(p for p in PLANS if p != "long" or args.steps) if args.list else (args.plan,)
   if not plans[0]:
     parser.error("name a plan, or --list")
   for plan in plans:
     rows = plan_rows(plan, args)
-    steps = args.steps or (500 if plan == "imbalance" else 0)
+    # A long run keeps the demo's warm-up and checkpointing; the short plans scale them.
+    steps = 0 if plan == "long" else args.steps or (500 if plan == "imbalance" else 0)
     jobs = [(os.path.join(args.runs_dir, plan, name), arg, overrides + length_overrides(steps),
              args.dry_run or args.list) for name, arg, overrides in rows]
     print(f"# {plan}: {len(jobs)} runs", flush=True)

@@ -76,6 +76,14 @@ def test_sorted_prior_runs_are_named_and_configured_apart():
     sweep.plan_rows("prior_grid", args)
 
 
+def test_long_plan_is_one_run_named_by_its_length_with_four_evaluations():
+  rows = sweep.plan_rows("long", types.SimpleNamespace(**{**vars(ARGS), "steps": 16000}))
+  assert [(name, arg) for name, arg, _ in rows] == [("pmsn_16k", "")]
+  assert _overrides(rows) == [{"total_steps": "16000", "eval_every_steps": "4000"}]
+  with pytest.raises(SystemExit, match="long needs --steps"):
+    sweep.plan_rows("long", ARGS)
+
+
 def test_length_overrides_keep_the_schedule_shape():
   assert sweep.length_overrides(0) == []
   o = dict(x.removeprefix("--config.").split("=") for x in sweep.length_overrides(1000))
@@ -190,7 +198,7 @@ def test_collect_results_writes_method_and_paired_rows(tmp_path):
             "random_init_knn_top1_mean": 0.74, "random_init_knn_top1_std": 0.0,
             "cpu_minutes": 30.0},
            {"method": "PMSN τ_p=1, Sinkhorn prior", "msn": False, "prior": "power_law",
-            "prior_exponent": 1.0,
+            "prior_exponent": 1.0, "prior_order": "sorted",
             "sinkhorn_marginal": "prior", "seeds": [0, 1], "knn_top1_mean": 0.81,
             "knn_top1_std": 0.02, "linear_top1_mean": 0.78, "few_top1_mean": None,
             "cpu_minutes": 31.0}]
@@ -210,6 +218,7 @@ def test_collect_results_writes_method_and_paired_rows(tmp_path):
   assert [r.get("method") for r in rows] == ["raw_pixels", "random_init", "msn", "pmsn", None]
   assert rows[0]["cpu_minutes"] == 1.0 and rows[0]["few_top1_mean"] == 0.95
   assert rows[1]["knn_top1_mean"] == 0.74 and rows[2]["prior_exponent"] is None
+  assert [r["prior_order"] for r in rows[:4]] == [None, None, None, "sorted"]
   main_keys = {"method", "prior", "prior_exponent", "sinkhorn_marginal", "seeds",
                "knn_top1_mean", "knn_top1_std", "linear_top1_mean", "few_top1_mean",
                "cpu_minutes"}

@@ -125,6 +125,11 @@ def test_runs_from_before_prior_order_group_with_fixed_order_runs(tmp_path):
           for name, config in (("old", _config(0)), ("new", new))]
   groups = report.group_runs(runs)
   assert len(groups) == 1 and [r.seed for r in groups[0].runs] == [0, 1]
+  # results.json names the order for PMSN (old runs read as "fixed"), none for MSN.
+  msn = run_dir.load_run(_write_run(tmp_path / "msn", _config(0, "uniform", "uniform"),
+                                    _eval(0.8)))
+  _, rows = report.results_table(report.group_runs(runs + [msn]))
+  assert [row["prior_order"] for row in rows] == ["fixed", None]
 
 
 def test_report_of_hand_made_runs_notes_missing_inputs(tmp_path):
