@@ -8,7 +8,9 @@ Each run is `python -m pmsn_jax.main --config=configs/demo.py[:msn] --workdir=RU
 checkpoint (training resumes by itself). Next to each run the driver keeps driver.json:
 {"command", "wall_s", "core_s", "parts", "cores", "pinned_core", "returncode", "finished"},
 updated every minute; wall_s and core_s (wall x cores) are summed over the parts of a resumed
-run — the report's CPU minutes are core_s / 60.
+run — the report's CPU minutes are core_s / 60. SIGTERM to the driver (a session's end, a
+preemption) starts no further run and passes the signal to the running ones, which save a
+checkpoint and exit; rerunning the same command resumes them.
 Then `python -m pmsn_jax.report RUNS/PLAN/* --out=RUNS/PLAN/report` makes the tables and plots.
 
 Plans (issue 7; docs/results.md says which ran, how long they took, and what they showed):
@@ -32,8 +34,10 @@ import concurrent.futures
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,6 +156,8 @@ def run_one(workdir: str, config_arg: str, overrides: list[str], dry_run: bool,
              f"--workdir={workdir}", *overrides]
   if os.path.exists(os.path.join(workdir, "eval.json")):
     return f"skip (done) {workdir}"
+  if _stopping.is_set():
+    return f"skip (stopped by SIGTERM) {workdir}"
   if dry_run:
     return " ".join(command)
   os.makedirs(workdir, exist_ok=True)
@@ -163,6 +169,20 @@ def run_one(workdir: str, config_arg: str, overrides: list[str], dry_run: bool,
                         pinned_core=core, resumes=has_checkpoint(workdir), stdout=log,
                         stderr=subprocess.STDOUT, **pin)
   return f"rc={record['returncode']} {record['wall_s']:.0f}s {workdir}"
+
+
+# The runs in flight, so that a SIGTERM to the driver reaches them (they are not its process
+# group's foreground: a plain `kill` of the driver would orphan them).
+_running: set[subprocess.Popen] = set()
+_stopping = threading.Event()
+
+
+def stop_on_sigterm(signum=None, frame=None):
+  """SIGTERM handler: start no more runs; each running one gets SIGTERM, saves a checkpoint and
+  exits (143), and its driver.json is written as for any finished part."""
+  _stopping.set()
+  for proc in list(_running):
+    proc.terminate()
 
 
 def timed_call(command: list[str], record_path: str, *, cores: int, pinned_core: int | None,
@@ -192,6 +212,9 @@ def timed_call(command: list[str], record_path: str, *, cores: int, pinned_core:
 
   start = time.time()
   with subprocess.Popen(command, cwd=ROOT, **popen_kwargs) as proc:
+    _running.add(proc)
+    if _stopping.is_set():  # the signal came between run_one's check and the start
+      proc.terminate()
     try:
       while record["returncode"] is None:
         try:
@@ -203,6 +226,8 @@ def timed_call(command: list[str], record_path: str, *, cores: int, pinned_core:
       record["returncode"] = proc.wait()
       write(start)
       raise
+    finally:
+      _running.discard(proc)
   record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
   write(start)
   return record
@@ -256,6 +281,7 @@ def main():
     parser.error(f"--imbalance={args.imbalance:g}: expected >= 1 (or 0 for the config's)")
   if not 0 <= args.skew <= 1:
     parser.error(f"--skew={args.skew}: data.batch_class_skew must be in [0, 1]")
+  signal.signal(signal.SIGTERM, stop_on_sigterm)
   plans = tuple(p for p in PLANS if p != "long" or args.steps) if args.list else (args.plan,)
   if not plans[0]:
     parser.error("name a plan, or --list")
@@ -283,6 +309,9 @@ def main():
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
       for line in pool.map(job_on_a_core, jobs):
         print(line, flush=True)
+  if _stopping.is_set():
+    print("stopped by SIGTERM; the same command resumes the unfinished runs", flush=True)
+    sys.exit(143)
 
 
 if __name__ == "__main__":

@@ -150,6 +150,27 @@ def test_driver_record_starts_from_zero_for_a_fresh_run_or_an_unusable_record(
   assert ("unreadable" in capsys.readouterr().err) == resumes
 
 
+def test_sigterm_to_the_driver_stops_its_runs_and_starts_no_more(tmp_path, monkeypatch):
+  monkeypatch.setattr(sweep, "_stopping", sweep.threading.Event())
+  record_path = str(tmp_path / "driver.json")
+  result = {}
+  runner = sweep.threading.Thread(target=lambda: result.update(sweep.timed_call(
+      [sys.executable, "-c", "import time; time.sleep(60)"], record_path, cores=1,
+      pinned_core=0, resumes=False)))
+  runner.start()
+  deadline = sweep.time.time() + 30
+  while not sweep._running and sweep.time.time() < deadline:
+    sweep.time.sleep(0.05)
+  sweep.stop_on_sigterm()
+  runner.join(timeout=30)
+  assert not runner.is_alive() and result["returncode"] == -15 and result["wall_s"] < 30
+  assert json.loads((tmp_path / "driver.json").read_text()) == result
+  assert not sweep._running
+  assert sweep.run_one(str(tmp_path / "next"), "msn", [], dry_run=False).startswith(
+      "skip (stopped by SIGTERM)")
+  assert not (tmp_path / "next").exists()
+
+
 def test_has_checkpoint_needs_a_finished_step(tmp_path):
   assert not sweep.has_checkpoint(str(tmp_path))
   (tmp_path / "checkpoints" / "8.orbax-checkpoint-tmp-1").mkdir(parents=True)
