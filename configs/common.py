@@ -68,6 +68,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.imbalance_ratio = 1.0
   c.data.max_per_class = 0
   c.data.imbalance_profile = "exponential"  # exponential | power_law (sampling.py)
+  # The classes from head to tail, e.g. (0, 1, 3, 5, 7, 8, 9, 4, 2, 6); (): 0, 1, ..., C-1.
+  c.data.class_order = ()
   c.data.subsample_seed = 0
   # 0: random batches. In (0, 1]: each batch dominated by a few classes while every epoch
   # stays balanced (the paper's imbalanced mini-batch study; imbalanced.py).

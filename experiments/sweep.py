@@ -270,6 +270,10 @@ def main():
   parser.add_argument("--prototypes", type=int, default=0,
                       help="paired: model.num_prototypes of both methods (0: the config's 32)")
   parser.add_argument("--skew", type=float, default=0.8, help="batch_class_skew (minibatch)")
+  parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                      help="a config override for every run of the plan, e.g. "
+                      "data.class_order=(0,1,3,5,7,8,9,4,2,6); run names do not show it, so "
+                      "give such a sweep its own --runs_dir")
   parser.add_argument("--steps", type=int, default=0,
                       help="training steps of every run (0: the config's 2000; imbalance: 500; "
                       "long: required); use a separate --runs_dir per length")
@@ -279,6 +283,10 @@ def main():
       parser.error(f"--{name}={getattr(args, name)}: expected >= {low}")
   if args.imbalance and args.imbalance < 1:
     parser.error(f"--imbalance={args.imbalance:g}: expected >= 1 (or 0 for the config's)")
+  bad = [o for o in args.override if "=" not in o or o.startswith(("-", "config."))]
+  if bad:
+    parser.error(f"--override={bad[0]}: expected KEY=VALUE with the key as in the config, "
+                 "e.g. data.class_order=(0,1,3,5,7,8,9,4,2,6)")
   if not 0 <= args.skew <= 1:
     parser.error(f"--skew={args.skew}: data.batch_class_skew must be in [0, 1]")
   signal.signal(signal.SIGTERM, stop_on_sigterm)
@@ -289,7 +297,8 @@ def main():
     rows = plan_rows(plan, args)
     # A long run keeps the demo's warm-up and checkpointing; the short plans scale them.
     steps = 0 if plan == "long" else args.steps or (500 if plan == "imbalance" else 0)
-    jobs = [(os.path.join(args.runs_dir, plan, name), arg, overrides + length_overrides(steps),
+    extra = length_overrides(steps) + [f"--config.{o}" for o in args.override]
+    jobs = [(os.path.join(args.runs_dir, plan, name), arg, overrides + extra,
              args.dry_run or args.list) for name, arg, overrides in rows]
     print(f"# {plan}: {len(jobs)} runs", flush=True)
     cores = queue.Queue()  # Each worker takes a free core for its run and gives it back.

@@ -3,6 +3,7 @@ left there, tolerant of runs that are unfinished or still being written."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -23,7 +24,7 @@ class RunDirError(ValueError):
 
 # Config keys added after runs were made, with the value older runs behaved as: so an old run
 # and a new one with the same settings still group as seeds of one method.
-ADDED_CONFIG_KEYS = {("loss", "prior_order"): "fixed"}
+ADDED_CONFIG_KEYS = {("loss", "prior_order"): "fixed", ("data", "class_order"): []}
 
 
 @dataclasses.dataclass
@@ -92,7 +93,7 @@ def load_run(path: str) -> Run:
     raise RunDirError(f"{config_path} holds no config dict; pass the --workdir of a run")
   for (section, key), value in ADDED_CONFIG_KEYS.items():  # runs made before the key existed
     if isinstance(config.get(section), dict):
-      config[section].setdefault(key, value)
+      config[section].setdefault(key, copy.deepcopy(value))
   run = Run(path=path, config=config)
 
   eval_path = os.path.join(path, "eval.json")

@@ -36,8 +36,9 @@ def load_pretraining_data(config):
     if isinstance(train, sources.TfdsImages):
       raise ValueError(f"data.imbalance_ratio needs every label up front, which a streamed "
                        f"{d.source} split does not give: use inat_json: or folder: sources")
-    counts = sampling.long_tail_counts(d.max_per_class, train.num_classes, d.imbalance_ratio,
-                                       d.imbalance_profile)
+    counts = sampling.counts_in_class_order(
+        sampling.long_tail_counts(d.max_per_class, train.num_classes, d.imbalance_ratio,
+                                  d.imbalance_profile), d.class_order)
     available = train.class_counts()
     short = [c for c, n in enumerate(counts) if n > available[c]]
     if short:

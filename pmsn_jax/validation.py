@@ -150,6 +150,11 @@ def validate(config) -> None:
            d.max_per_class, "expected > 0 when data.imbalance_ratio > 1")
   _require(d.imbalance_profile in sampling.PROFILES, "data.imbalance_profile",
            d.imbalance_profile, f"expected one of {sampling.PROFILES}")
+  _require(all(isinstance(c, int) and not isinstance(c, bool) and c >= 0
+               for c in d.class_order) and len(set(d.class_order)) == len(d.class_order),
+           "data.class_order", d.class_order, "expected distinct class ids >= 0, head first")
+  _require(not d.class_order or d.imbalance_ratio > 1, "data.class_order", d.class_order,
+           "it orders a long tail: set data.imbalance_ratio > 1 or leave it ()")
   _probability(config, "data.batch_class_skew")
   _require(0 < d.eval_crop_fraction <= 1, "data.eval_crop_fraction", d.eval_crop_fraction,
            "expected a value in (0, 1] (MSN's 224/256 = 0.875)")

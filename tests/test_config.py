@@ -71,6 +71,8 @@ def test_official_recipes_match_method_md():
     ("data.source", "s3:bucket", "data.source"),
     ("data.imbalance_profile", "zipf", "data.imbalance_profile"),
     ("data.batch_class_skew", 1.5, "data.batch_class_skew"),
+    ("data.class_order", (0, 0, 1), "data.class_order"),
+    ("data.class_order", (-1, 0), "data.class_order"),
     ("data.eval_crop_fraction", 0.0, "data.eval_crop_fraction"),
     ("fsdp_min_size", -1, "fsdp_min_size"),
     ("partition_rules", (("(", "fsdp"),), "partition_rules"),
@@ -97,6 +99,14 @@ def test_bad_values_fail_with_the_key_named(key, value, match):
   parent, _, leaf = key.rpartition(".")
   (validation.lookup(config, parent) if parent else config)[leaf] = value
   with pytest.raises(ValueError, match=match.replace(".", r"\.")):
+    validation.validate(config)
+
+
+def test_class_order_needs_a_long_tail():
+  config = load("demo")
+  config.data.class_order = (1, 0)
+  config.data.imbalance_ratio = 1.0
+  with pytest.raises(ValueError, match=r"data\.class_order.*imbalance_ratio > 1"):
     validation.validate(config)
 
 

@@ -104,6 +104,21 @@ def test_load_source_fashion_mnist():
   assert list(lt.class_counts()) == sampling.long_tail_counts(6000, 10, 100)
 
 
+@pytest.mark.skipif(not os.path.isdir(DEBIAN_DIR), reason="dataset-fashion-mnist not installed")
+def test_pretraining_rows_follow_the_class_order():
+  from configs import demo
+  from pmsn_jax import train as train_lib
+  config = demo.get_config()
+  hard_tail = (0, 1, 3, 5, 7, 8, 9, 4, 2, 6)  # shirt, pullover, coat last
+  config.data.class_order = hard_tail
+  data, rows = train_lib.load_pretraining_data(config)
+  counts = np.bincount(data.labels[rows], minlength=10)
+  assert [counts[c] for c in hard_tail] == sampling.long_tail_counts(6000, 10, 100)
+  config.data.class_order = tuple(range(11))
+  with pytest.raises(ValueError, match="each of the 10 classes"):
+    train_lib.load_pretraining_data(config)
+
+
 def test_load_source_tfds_mock():
   tfds = pytest.importorskip("tensorflow_datasets")
   with tfds.testing.mock_data(num_examples=6):

@@ -84,6 +84,16 @@ def test_long_plan_is_one_run_named_by_its_length_with_four_evaluations():
     sweep.plan_rows("long", ARGS)
 
 
+def test_overrides_reach_every_run_of_the_plan(tmp_path):
+  result = subprocess.run([sys.executable, "experiments/sweep.py", "paired", "--seeds=1",
+                           "--dry_run", f"--runs_dir={tmp_path}",
+                           "--override=data.class_order=(1,0,2,3,4,5,6,7,8,9)"],
+                          cwd=ROOT, capture_output=True, text=True, check=True)
+  commands = [line for line in result.stdout.splitlines() if "pmsn_jax.main" in line]
+  assert len(commands) == 2
+  assert all(c.endswith(" --config.data.class_order=(1,0,2,3,4,5,6,7,8,9)") for c in commands)
+
+
 def test_length_overrides_keep_the_schedule_shape():
   assert sweep.length_overrides(0) == []
   o = dict(x.removeprefix("--config.").split("=") for x in sweep.length_overrides(1000))
@@ -189,6 +199,8 @@ def test_unknown_plan_names_the_plans():
     ("sweep.py", ["paired", "--seeds=0"], "--seeds=0: expected >= 1"),
     ("sweep.py", ["paired", "--imbalance=0.5"], "--imbalance=0.5: expected >= 1"),
     ("sweep.py", ["minibatch", "--skew=2"], "must be in [0, 1]"),
+    ("sweep.py", ["paired", "--override=seed"], "expected KEY=VALUE"),
+    ("sweep.py", ["paired", "--override=config.seed=1"], "expected KEY=VALUE"),
     ("prior_shapes.py", ["--prototypes=16,x"], "comma-separated numbers"),
     ("prior_shapes.py", ["--exponents=-1"], "--exponents >= 0"),
 ])

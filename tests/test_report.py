@@ -118,9 +118,10 @@ def test_method_labels():
   assert report.method_label(ranked) == "MSN"
 
 
-def test_runs_from_before_prior_order_group_with_fixed_order_runs(tmp_path):
+def test_runs_from_before_a_config_key_group_with_runs_that_have_its_default(tmp_path):
   new = _config(1)
   new["loss"]["prior_order"] = "fixed"
+  new["data"]["class_order"] = []  # config.json's form of the default ()
   runs = [run_dir.load_run(_write_run(tmp_path / name, config, _eval(0.8)))
           for name, config in (("old", _config(0)), ("new", new))]
   groups = report.group_runs(runs)

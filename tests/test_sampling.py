@@ -91,6 +91,19 @@ def test_long_tail_subset_hits_counts(profile):
     assert expected != sampling.long_tail_counts(120, 10, 20)
 
 
+def test_class_order_moves_the_tail_to_other_classes():
+  counts = sampling.long_tail_counts(120, 4, 8)  # [120, 60, 30, 15]
+  assert sampling.counts_in_class_order(counts, ()) == counts
+  assert sampling.counts_in_class_order(counts, (2, 0, 3, 1)) == [60, 15, 120, 30]
+  labels = _balanced_labels(4, 120)
+  data = LabelledImages(np.zeros((480, 1, 1, 1), np.uint8), labels, 4)
+  subset = sampling.long_tail_subset(data, 8, seed=0, class_order=(2, 0, 3, 1))
+  assert list(subset.class_counts()) == [60, 15, 120, 30]
+  for bad in ((0, 1, 2), (0, 1, 2, 2), (0, 1, 2, 4)):
+    with pytest.raises(ValueError, match=r"data\.class_order=.* each of the 4 classes"):
+      sampling.counts_in_class_order(counts, bad)
+
+
 def test_long_tail_subset_duck_types():
   class Rows:  # Not a LabelledImages: only the LabelledRows protocol.
     def __init__(self, labels):

@@ -118,6 +118,25 @@ def _power_law_counts(max_per_class: int, num_classes: int,
   return counts
 
 
+def counts_in_class_order(counts: Sequence[int], class_order: Sequence[int]) -> list[int]:
+  """Per-class counts when the long tail runs through classes `class_order` (head first)
+  instead of 0, 1, ..., C-1: class class_order[i] gets counts[i]. () keeps the index order.
+
+  Which classes are rare matters: Fashion-MNIST's index order puts sneaker, bag and ankle boot,
+  three easy classes, in the tail; an order with shirt, pullover and coat there makes the rare
+  classes the ones most confused with a head class (T-shirt), as in fine-grained data.
+  """
+  if not class_order:
+    return list(counts)
+  if sorted(class_order) != list(range(len(counts))):
+    raise ValueError(f"data.class_order={tuple(class_order)} must list each of the "
+                     f"{len(counts)} classes 0..{len(counts) - 1} once, head class first")
+  ordered = [0] * len(counts)
+  for position, c in enumerate(class_order):
+    ordered[c] = counts[position]
+  return ordered
+
+
 def subsample_to_counts(labels: np.ndarray, counts: Sequence[int], seed: int) -> np.ndarray:
   """Sorted row indices holding counts[c] seeded-random examples of each class c.
 
@@ -137,14 +156,16 @@ def subsample_to_counts(labels: np.ndarray, counts: Sequence[int], seed: int) ->
 
 def long_tail_subset(data: _Data, imbalance_ratio: float, seed: int,
                      max_per_class: int | None = None,
-                     profile: str = "exponential") -> _Data:
+                     profile: str = "exponential", class_order: Sequence[int] = ()) -> _Data:
   """The long-tailed subset of `data` (class 0 = head), e.g. IR=100 Fashion-MNIST.
 
   `data` is any LabelledRows (LabelledImages, ImageFiles); the result is `data.subset(...)`.
   max_per_class defaults to the smallest class count of `data` (6000 for Fashion-MNIST train),
-  so every class can supply its share. profile: see long_tail_counts.
+  so every class can supply its share. profile: see long_tail_counts; class_order: see
+  counts_in_class_order.
   """
   if max_per_class is None:
     max_per_class = int(data.class_counts().min())
-  counts = long_tail_counts(max_per_class, data.num_classes, imbalance_ratio, profile)
+  counts = counts_in_class_order(
+      long_tail_counts(max_per_class, data.num_classes, imbalance_ratio, profile), class_order)
   return data.subset(subsample_to_counts(data.labels, counts, seed))
