@@ -7,8 +7,9 @@
 Each --report=REGIME:DIR is the --out of `python -m pmsn_jax.report` (its results.json and
 paired.json); REGIME names the table it came from. The rows follow issue 7's schema:
   method rows  {"regime", "method", "label", "prior", "prior_exponent", "prior_order",
-                "sinkhorn_marginal", "seeds", "knn_top1_mean", "knn_top1_std", "linear_top1_mean", "few_top1_mean",
-                "cpu_minutes"}; method is "msn", "pmsn", "raw_pixels" or "random_init";
+                "sinkhorn_marginal", "seeds", "knn_top1_mean", "knn_top1_std",
+                "linear_top1_mean", "few_top1_mean", "cpu_minutes"}; method is "msn", "pmsn",
+                "raw_pixels" or "random_init";
   paired rows  {"regime", "metric", "seeds", "pmsn_minus_msn_mean", "ci95_low", "ci95_high"}
                (plus "label" and "versus": the two groups compared).
 cpu_minutes are core-minutes (wall time x cores the run had) of all the group's runs.
@@ -70,8 +71,8 @@ def random_init_rows(regime: str, report_dir: str) -> list[dict]:
     if row.get("random_init_knn_top1_mean") is not None and row["msn"]:
       return [{"regime": regime, "method": "random_init", "label": "random-init encoder",
                "prior": None, "prior_exponent": None, "prior_order": None,
-          "sinkhorn_marginal": None,
-               "seeds": row["seeds"], "knn_top1_mean": row["random_init_knn_top1_mean"],
+               "sinkhorn_marginal": None, "seeds": row["seeds"],
+               "knn_top1_mean": row["random_init_knn_top1_mean"],
                "knn_top1_std": row.get("random_init_knn_top1_std"), "linear_top1_mean": None,
                "few_top1_mean": None, "cpu_minutes": None}]
   return []

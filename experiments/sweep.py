@@ -34,6 +34,7 @@ import concurrent.futures
 import json
 import os
 import queue
+import shlex
 import signal
 import subprocess
 import sys
@@ -159,7 +160,7 @@ def run_one(workdir: str, config_arg: str, overrides: list[str], dry_run: bool,
   if _stopping.is_set():
     return f"skip (stopped by SIGTERM) {workdir}"
   if dry_run:
-    return " ".join(command)
+    return shlex.join(command)
   os.makedirs(workdir, exist_ok=True)
   pin = {} if core is None else dict(env=single_threaded_env(),
                                       preexec_fn=lambda: os.sched_setaffinity(0, {core}))
@@ -228,7 +229,8 @@ def timed_call(command: list[str], record_path: str, *, cores: int, pinned_core:
       raise
     finally:
       _running.discard(proc)
-  record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+  if record["returncode"] == 0:  # a stopped or failed part has not finished the run
+    record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
   write(start)
   return record
 
@@ -247,6 +249,26 @@ def _earlier_parts(record_path: str) -> tuple[float, float, int]:
     print(f"warning: {record_path} unreadable ({e}); this run's earlier time is not counted",
           file=sys.stderr)
     return 0.0, 0.0, 0
+
+
+def check_overrides(plan_dir: str, overrides: list[str]) -> None:
+  """Run names do not show --override, so a plan directory keeps one set of overrides (in
+  PLAN_DIR/.overrides.json; a dotfile, so `report PLAN_DIR/*` skips it): a later sweep with
+  others would skip or resume runs made with different settings."""
+  path = os.path.join(plan_dir, ".overrides.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      earlier = json.load(f)
+    if earlier != overrides:
+      raise SystemExit(f"{plan_dir} was swept with --override {earlier or 'none'}, not "
+                       f"{overrides or 'none'}: give this sweep another --runs_dir")
+    return
+  if overrides and os.path.isdir(plan_dir) and os.listdir(plan_dir):
+    raise SystemExit(f"{plan_dir} holds runs made without --override: give this sweep "
+                     "another --runs_dir")
+  os.makedirs(plan_dir, exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(overrides, f)
 
 
 def main():
@@ -289,14 +311,21 @@ def main():
                  "e.g. data.class_order=(0,1,3,5,7,8,9,4,2,6)")
   if not 0 <= args.skew <= 1:
     parser.error(f"--skew={args.skew}: data.batch_class_skew must be in [0, 1]")
+  # Ctrl-C too: the runs live in worker threads, where a KeyboardInterrupt would not reach.
   signal.signal(signal.SIGTERM, stop_on_sigterm)
-  plans = tuple(p for p in PLANS if p != "long" or args.steps) if args.list else (args.plan,)
+  signal.signal(signal.SIGINT, stop_on_sigterm)
+  plans = PLANS if args.list else (args.plan,)
   if not plans[0]:
     parser.error("name a plan, or --list")
   for plan in plans:
+    if plan == "long" and args.list and not args.steps:
+      print("# long: 1 run, needs --steps", flush=True)
+      continue
     rows = plan_rows(plan, args)
     # A long run keeps the demo's warm-up and checkpointing; the short plans scale them.
     steps = 0 if plan == "long" else args.steps or (500 if plan == "imbalance" else 0)
+    if not (args.dry_run or args.list):
+      check_overrides(os.path.join(args.runs_dir, plan), args.override)
     extra = length_overrides(steps) + [f"--config.{o}" for o in args.override]
     jobs = [(os.path.join(args.runs_dir, plan, name), arg, overrides + extra,
              args.dry_run or args.list) for name, arg, overrides in rows]

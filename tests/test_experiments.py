@@ -91,7 +91,7 @@ def test_overrides_reach_every_run_of_the_plan(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, check=True)
   commands = [line for line in result.stdout.splitlines() if "pmsn_jax.main" in line]
   assert len(commands) == 2
-  assert all(c.endswith(" --config.data.class_order=(1,0,2,3,4,5,6,7,8,9)") for c in commands)
+  assert all(c.endswith(" '--config.data.class_order=(1,0,2,3,4,5,6,7,8,9)'") for c in commands)
 
 
 def test_length_overrides_keep_the_schedule_shape():
@@ -174,11 +174,44 @@ def test_sigterm_to_the_driver_stops_its_runs_and_starts_no_more(tmp_path, monke
   sweep.stop_on_sigterm()
   runner.join(timeout=30)
   assert not runner.is_alive() and result["returncode"] == -15 and result["wall_s"] < 30
+  assert result["finished"] is None  # stopped, not finished
   assert json.loads((tmp_path / "driver.json").read_text()) == result
   assert not sweep._running
   assert sweep.run_one(str(tmp_path / "next"), "msn", [], dry_run=False).startswith(
       "skip (stopped by SIGTERM)")
   assert not (tmp_path / "next").exists()
+
+
+def test_a_real_sigterm_stops_the_sweep_with_143_and_records_its_run(tmp_path):
+  driver = subprocess.Popen([sys.executable, "experiments/sweep.py", "paired", "--seeds=2",
+                             "--steps=10", f"--runs_dir={tmp_path}"], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+  first_log = tmp_path / "paired" / "msn_s0" / "driver.log"
+  deadline = sweep.time.time() + 60
+  while not first_log.exists() and sweep.time.time() < deadline:
+    sweep.time.sleep(0.1)
+  sweep.time.sleep(0.5)  # the run has started (it is killed long before it can finish)
+  driver.send_signal(sweep.signal.SIGTERM)
+  out, _ = driver.communicate(timeout=120)
+  assert driver.returncode == 143 and "stopped by SIGTERM" in out
+  assert out.count("skip (stopped by SIGTERM)") == 3  # the other three runs never started
+  record = json.loads((tmp_path / "paired" / "msn_s0" / "driver.json").read_text())
+  assert record["returncode"] != 0 and record["finished"] is None
+
+
+def test_a_plan_directory_keeps_one_set_of_overrides(tmp_path):
+  plan = str(tmp_path / "paired")
+  sweep.check_overrides(plan, ["data.class_order=(1,0)"])
+  sweep.check_overrides(plan, ["data.class_order=(1,0)"])  # the same sweep again: fine
+  with pytest.raises(SystemExit, match="swept with --override.*another --runs_dir"):
+    sweep.check_overrides(plan, [])
+  made_without = tmp_path / "other"
+  (made_without / "msn_s0").mkdir(parents=True)
+  with pytest.raises(SystemExit, match="holds runs made without --override"):
+    sweep.check_overrides(str(made_without), ["seed=3"])
+  sweep.check_overrides(str(made_without), [])  # and it stays an override-free directory
+  with pytest.raises(SystemExit, match="swept with --override none"):
+    sweep.check_overrides(str(made_without), ["seed=3"])
 
 
 def test_has_checkpoint_needs_a_finished_step(tmp_path):

@@ -157,7 +157,8 @@ def subsample_to_counts(labels: np.ndarray, counts: Sequence[int], seed: int) ->
 def long_tail_subset(data: _Data, imbalance_ratio: float, seed: int,
                      max_per_class: int | None = None,
                      profile: str = "exponential", class_order: Sequence[int] = ()) -> _Data:
-  """The long-tailed subset of `data` (class 0 = head), e.g. IR=100 Fashion-MNIST.
+  """The long-tailed subset of `data` (head: class 0, or class_order[0]), e.g. IR=100
+  Fashion-MNIST.
 
   `data` is any LabelledRows (LabelledImages, ImageFiles); the result is `data.subset(...)`.
   max_per_class defaults to the smallest class count of `data` (6000 for Fashion-MNIST train),
