@@ -41,6 +41,18 @@ def _panels(count: int, ncols: int = 3, size=(4.4, 3.2)):
   return fig, axes[:count]
 
 
+def _step_axes(fig, axes) -> None:
+  """A few round step ticks (five-digit steps would run together) and one legend under the
+  panels, where it hides no curve."""
+  from matplotlib.ticker import MaxNLocator
+  for ax in axes:
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
+  handles, labels = axes[0].get_legend_handles_labels()
+  if handles:
+    fig.legend(handles, labels, loc="outside lower center", fontsize="x-small")
+
+
 def series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
   """(steps, values) of `key`, sorted by step; a step logged twice (resumed run) keeps the
   last value."""
@@ -61,8 +73,8 @@ def plot_training_curves(runs: list[Run], path: str) -> str | None:
       steps, values = series(run.metrics, name)
       if steps.size:
         ax.plot(steps, values, label=run.label, **run.style)
-    ax.set(title=name, xlabel="step")
-  axes[0].legend(fontsize="x-small")
+    ax.set_title(name)
+  _step_axes(fig, axes)
   fig.savefig(path, dpi=100)
   return None
 
@@ -79,8 +91,8 @@ def plot_knn_over_steps(runs: list[Run], path: str) -> str | None:
       steps, values = series(run.metrics, key)
       if steps.size:
         ax.plot(steps, 100 * values, marker="o", label=run.label, **run.style)
-    ax.set(title=title, xlabel="step")
-  axes[0].legend(fontsize="x-small")
+    ax.set_title(title)
+  _step_axes(fig, axes)
   fig.savefig(path, dpi=100)
   return None
 
