@@ -71,7 +71,8 @@ def synthetic_batch(config, mesh) -> dict[str, jax.Array]:
 def build_step(config, mesh, vit_cfg):
   graphdef, tx, scheds, create_state = step.build(config, vit_cfg)
   abstract = jax.eval_shape(create_state)
-  shardings = sharding.state_shardings(abstract, mesh)
+  shardings = sharding.state_shardings(abstract, mesh, config.partition_rules,
+                                       config.fsdp_min_size)  # as train.py shards it
   state = jax.jit(create_state, out_shardings=shardings)()
   replicated = sharding.replicated(mesh)
   fn = jax.jit(step.make_train_step(graphdef, tx, scheds, config),  # train.py's step
