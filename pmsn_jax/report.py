@@ -222,11 +222,11 @@ def results_table(groups: list[Group]) -> tuple[list[str], list[dict]]:
     lines.append(f"| {group.label} | {len(seeds)} ({', '.join(map(str, seeds))}) | "
                  + " | ".join(format_cell(cells.get(key), len(evaluated)) for key, _ in columns)
                  + " |")
-    loss = group.runs[0].config.get("loss", {})
-    row = {"method": group.label, "msn": is_msn(group.runs[0].config), "prior": loss.get("prior"),
+    loss, msn = group.runs[0].config.get("loss", {}), is_msn(group.runs[0].config)
+    row = {"method": group.label, "msn": msn, "prior": loss.get("prior"),
            "prior_exponent": loss.get("prior_exponent"),
            # A uniform prior is the same in any order: no order for MSN.
-           "prior_order": None if is_msn(group.runs[0].config) else loss.get("prior_order"),
+           "prior_order": None if msn else loss.get("prior_order"),
            "sinkhorn_marginal": ("off" if loss.get("sinkhorn_iters") == 0
                                  else loss.get("sinkhorn_marginal")),
            "seeds": seeds, "runs": [run.path for run in group.runs],
