@@ -54,10 +54,14 @@ def pmsn(tau: float, marginal: str) -> list[str]:
 
 
 def pmsn_of(args) -> tuple[str, list[str]]:
-  """(run-name prefix, overrides) of the PMSN named by --tau/--marginal/--sorted_prior."""
+  """(run-name prefix, overrides) of the PMSN named by --tau/--marginal/--sorted_prior/
+  --kl_direction; MSN runs keep ME-MAX, KL(p̄ ‖ uniform), whatever --kl_direction says."""
   name, overrides = f"pmsn_tau{args.tau}_{args.marginal}", pmsn(args.tau, args.marginal)
   if args.sorted_prior:
     name, overrides = name + "_sorted", overrides + ["--config.loss.prior_order=sorted"]
+  if args.kl_direction != "mean_to_prior":
+    name += "_" + args.kl_direction
+    overrides = overrides + [f"--config.loss.kl_direction={args.kl_direction}"]
   return name, overrides
 
 
@@ -78,9 +82,9 @@ def plan_rows(plan: str, args) -> list[tuple[str, str, list[str]]]:
   """-> [(run name, config arg, overrides)] for a plan."""
   rows = []
   if plan == "prior_grid":
-    if args.sorted_prior:
-      raise SystemExit("prior_grid is the paper's fixed-order grid; --sorted_prior applies to "
-                       "paired, minibatch and imbalance")
+    if args.sorted_prior or args.kl_direction != "mean_to_prior":
+      raise SystemExit("prior_grid is the paper's fixed-order KL(p̄ ‖ π) grid; --sorted_prior "
+                       "and --kl_direction apply to paired, minibatch and imbalance")
     rows.append(("msn_s0", "msn", ["--config.seed=0"]))
     for tau in (0.25, 0.5, 1.0):
       for marginal in MARGINALS:
@@ -286,6 +290,10 @@ def main():
   parser.add_argument("--marginal", choices=sorted(MARGINALS), default="prior")
   parser.add_argument("--sorted_prior", action="store_true",
                       help="PMSN with loss.prior_order=sorted (docs/sorted_prior.md)")
+  parser.add_argument("--kl_direction", choices=("mean_to_prior", "prior_to_mean"),
+                      default="mean_to_prior",
+                      help="PMSN's regulariser: KL(p̄ ‖ π) (the default) or KL(π ‖ p̄); the "
+                      "run names of the second end in _prior_to_mean")
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--imbalance", type=float, default=0,
                       help="paired: data.imbalance_ratio of both methods (0: the config's 100)")

@@ -25,7 +25,7 @@ def _script(name):
 sweep, prior_shapes = _script("sweep"), _script("prior_shapes")
 
 ARGS = types.SimpleNamespace(tau=0.25, marginal="prior", sorted_prior=False, seeds=3, skew=0.8,
-                             steps=0, imbalance=0, prototypes=0)
+                             steps=0, imbalance=0, prototypes=0, kl_direction="mean_to_prior")
 
 
 def _overrides(rows):
@@ -72,7 +72,18 @@ def test_sorted_prior_runs_are_named_and_configured_apart():
                    "msn_skew0.8_s0", "pmsn_tau2.0_prior_sorted_skew0.8_s0"]
   overrides = _overrides(sweep.plan_rows("minibatch", args))
   assert [o.get("loss.prior_order") for o in overrides] == [None, "sorted", None, "sorted"]
-  with pytest.raises(SystemExit, match="fixed-order grid"):
+  with pytest.raises(SystemExit, match="fixed-order"):
+    sweep.plan_rows("prior_grid", args)
+
+
+def test_reverse_kl_reaches_pmsn_runs_only_and_names_them():
+  args = types.SimpleNamespace(**{**vars(ARGS), "kl_direction": "prior_to_mean", "tau": 1.0,
+                                  "seeds": 1})
+  rows = sweep.plan_rows("paired", args)
+  assert [name for name, _, _ in rows] == ["msn_s0", "pmsn_tau1.0_prior_prior_to_mean_s0"]
+  # MSN keeps ME-MAX: KL(p̄ ‖ uniform) is its regulariser, whichever direction PMSN uses.
+  assert [o.get("loss.kl_direction") for o in _overrides(rows)] == [None, "prior_to_mean"]
+  with pytest.raises(SystemExit, match="fixed-order"):
     sweep.plan_rows("prior_grid", args)
 
 
