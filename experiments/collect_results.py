@@ -3,11 +3,17 @@
   python experiments/collect_results.py --out=docs/results.json \
       --report=minibatch:runs/map1000/minibatch/report --report=prior_grid:runs/... \
       --raw_pixels=runs/baselines/raw_pixels
+  python experiments/collect_results.py --out=docs/results.json --keep=docs/results.json \
+      --report=hard_tail_kl:runs/hardtail_klpm/paired/report
+
+runs/ does not outlive a session, so --keep=FILE adds or replaces the regimes collected here
+and copies every other regime's rows (and the raw-pixel row, unless --raw_pixels is given) from
+an earlier results.json.
 
 Each --report=REGIME:DIR is the --out of `python -m pmsn_jax.report` (its results.json and
 paired.json); REGIME names the table it came from. The rows follow issue 7's schema:
   method rows  {"regime", "method", "label", "prior", "prior_exponent", "prior_order",
-                "sinkhorn_marginal", "seeds", "knn_top1_mean", "knn_top1_std",
+                "kl_direction", "sinkhorn_marginal", "seeds", "knn_top1_mean", "knn_top1_std",
                 "linear_top1_mean", "few_top1_mean", "cpu_minutes"}; method is "msn", "pmsn",
                 "raw_pixels" or "random_init";
   paired rows  {"regime", "metric", "seeds", "pmsn_minus_msn_mean", "ci95_low", "ci95_high"}
@@ -37,6 +43,7 @@ def method_rows(regime: str, report_dir: str) -> list[dict]:
                  "prior": row["prior"],
                  "prior_exponent": None if msn else row["prior_exponent"],
                  "prior_order": row.get("prior_order"),  # None for MSN and pre-order reports
+                 "kl_direction": row.get("kl_direction", "mean_to_prior"),  # older reports: default
                  "sinkhorn_marginal": row["sinkhorn_marginal"], "seeds": row["seeds"],
                  **{k: row.get(k) for k in MAIN_KEYS}, "cpu_minutes": row.get("cpu_minutes")})
   return rows
@@ -56,7 +63,7 @@ def raw_pixel_row(run_dir: str) -> dict:
   driver = os.path.join(run_dir, "driver.json")
   record = _load(driver) if os.path.exists(driver) else {}
   return {"regime": "baseline", "method": "raw_pixels", "label": "raw pixels", "prior": None,
-          "prior_exponent": None, "prior_order": None,
+          "prior_exponent": None, "prior_order": None, "kl_direction": None,
           "sinkhorn_marginal": None, "seeds": [],
           "knn_top1_mean": result["knn_top1"], "knn_top1_std": None,
           "linear_top1_mean": result.get("linear_top1"),
@@ -70,7 +77,7 @@ def random_init_rows(regime: str, report_dir: str) -> list[dict]:
   for row in _load(os.path.join(report_dir, "results.json")):
     if row.get("random_init_knn_top1_mean") is not None and row["msn"]:
       return [{"regime": regime, "method": "random_init", "label": "random-init encoder",
-               "prior": None, "prior_exponent": None, "prior_order": None,
+               "prior": None, "prior_exponent": None, "prior_order": None, "kl_direction": None,
                "sinkhorn_marginal": None, "seeds": row["seeds"],
                "knn_top1_mean": row["random_init_knn_top1_mean"],
                "knn_top1_std": row.get("random_init_knn_top1_std"), "linear_top1_mean": None,
@@ -78,11 +85,25 @@ def random_init_rows(regime: str, report_dir: str) -> list[dict]:
   return []
 
 
+def kept_rows(path: str, fresh_regimes: set[str]) -> tuple[list[dict], list[dict]]:
+  """(method rows, paired rows) of an earlier results.json whose regimes are not in
+  fresh_regimes, in their order."""
+  try:
+    earlier = _load(path)
+  except (OSError, ValueError) as e:
+    raise SystemExit(f"--keep={path}: cannot read it ({e}); give an earlier results.json or "
+                     "drop --keep") from None
+  kept = [row for row in earlier if row.get("regime") not in fresh_regimes]
+  return ([r for r in kept if "metric" not in r], [r for r in kept if "metric" in r])
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--report", action="append", default=[], metavar="REGIME:DIR")
   parser.add_argument("--raw_pixels", help="experiments/raw_pixels.py --out directory")
   parser.add_argument("--out", required=True)
+  parser.add_argument("--keep", metavar="FILE",
+                      help="an earlier results.json whose other regimes' rows are copied")
   args = parser.parse_args()
   rows = [raw_pixel_row(args.raw_pixels)] if args.raw_pixels else []
   pairs = []
@@ -95,6 +116,10 @@ def main():
                    f"rerun python -m pmsn_jax.report with --out={report_dir}")
     rows += random_init_rows(regime, report_dir) + method_rows(regime, report_dir)
     pairs += paired_rows(regime, report_dir)
+  if args.keep:
+    fresh = {row["regime"] for row in rows + pairs}
+    kept_methods, kept_pairs = kept_rows(args.keep, fresh)
+    rows, pairs = kept_methods + rows, kept_pairs + pairs
   with open(args.out, "w") as f:
     f.write("[\n" + ",\n".join(json.dumps(r) for r in rows + pairs) + "\n]\n")
   print(f"wrote {args.out}: {len(rows)} method rows, {len(pairs)} paired rows")

@@ -227,6 +227,7 @@ def results_table(groups: list[Group]) -> tuple[list[str], list[dict]]:
            "prior_exponent": loss.get("prior_exponent"),
            # A uniform prior is the same in any order: no order for MSN.
            "prior_order": None if msn else loss.get("prior_order"),
+           "kl_direction": loss.get("kl_direction", "mean_to_prior"),
            "sinkhorn_marginal": ("off" if loss.get("sinkhorn_iters") == 0
                                  else loss.get("sinkhorn_marginal")),
            "seeds": seeds, "runs": [run.path for run in group.runs],

@@ -296,6 +296,7 @@ def test_collect_results_writes_method_and_paired_rows(tmp_path):
   assert rows[0]["cpu_minutes"] == 1.0 and rows[0]["few_top1_mean"] == 0.95
   assert rows[1]["knn_top1_mean"] == 0.74 and rows[2]["prior_exponent"] is None
   assert [r["prior_order"] for r in rows[:4]] == [None, None, None, "sorted"]
+  assert [r["kl_direction"] for r in rows[:4]] == [None, None, "mean_to_prior", "mean_to_prior"]
   main_keys = {"method", "prior", "prior_exponent", "sinkhorn_marginal", "seeds",
                "knn_top1_mean", "knn_top1_std", "linear_top1_mean", "few_top1_mean",
                "cpu_minutes"}
@@ -303,6 +304,25 @@ def test_collect_results_writes_method_and_paired_rows(tmp_path):
   assert rows[4]["regime"] == "prior_grid" and rows[4]["ci95_high"] == 0.12
   assert {"regime", "metric", "seeds", "pmsn_minus_msn_mean", "ci95_low", "ci95_high"} <= set(
       rows[4])
+  # --keep: a new regime is added next to the earlier file's rows; a re-collected one replaces
+  # its rows (runs/ does not outlive a session, the earlier tables must survive).
+  table[1]["kl_direction"] = "prior_to_mean"
+  (report / "results.json").write_text(json.dumps(table))
+  kept = tmp_path / "kept.json"
+  for regime in ("hard_tail", "hard_tail"):  # twice: the second run replaces, never duplicates
+    subprocess.run([sys.executable, "experiments/collect_results.py", f"--out={kept}",
+                    f"--keep={kept if kept.exists() else out}", f"--report={regime}:{report}"],
+                   cwd=ROOT, check=True)
+  merged = json.loads(kept.read_text())
+  assert [(r["regime"], r.get("method")) for r in merged] == [
+      ("baseline", "raw_pixels"), ("prior_grid", "random_init"), ("prior_grid", "msn"),
+      ("prior_grid", "pmsn"), ("hard_tail", "random_init"), ("hard_tail", "msn"),
+      ("hard_tail", "pmsn"), ("prior_grid", None), ("hard_tail", None)]
+  assert merged[6]["kl_direction"] == "prior_to_mean" and merged[:4] == rows[:4]
+  missing = subprocess.run([sys.executable, "experiments/collect_results.py", f"--out={kept}",
+                            f"--keep={tmp_path / 'nope.json'}", f"--report=x:{report}"],
+                           cwd=ROOT, capture_output=True, text=True)
+  assert missing.returncode != 0 and "drop --keep" in missing.stderr
   bad = subprocess.run([sys.executable, "experiments/collect_results.py", f"--out={out}",
                         f"--report={report}"], cwd=ROOT, capture_output=True, text=True)
   assert bad.returncode == 2 and "REGIME:DIR" in bad.stderr
