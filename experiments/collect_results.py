@@ -7,7 +7,7 @@
       --report=hard_tail_kl:runs/hardtail_klpm/paired/report
 
 runs/ does not outlive a session, so --keep=FILE adds or replaces the regimes collected here
-and copies every other regime's rows (and the raw-pixel row, unless --raw_pixels is given) from
+and copies every other regime's rows (and the raw-pixel rows, unless --raw_pixels is given) from
 an earlier results.json.
 
 Each --report=REGIME:DIR is the --out of `python -m pmsn_jax.report` (its results.json and
@@ -58,11 +58,22 @@ def paired_rows(regime: str, report_dir: str) -> list[dict]:
            "ci95_low": r["ci95_low"], "ci95_high": r["ci95_high"]} for r in _load(path)]
 
 
+def raw_pixel_label(result: dict) -> str:
+  """Which pixels: cosine k-NN differs between [0, 1] and mean/std-normalised pixels."""
+  mean, std = result.get("pixel_mean"), result.get("pixel_std")
+  if mean is None or std is None:
+    return "raw pixels"
+  if all(m == 0 for m in mean) and all(s == 1 for s in std):
+    return "raw pixels in [0, 1]"
+  return "raw pixels, normalised with the dataset mean and std"
+
+
 def raw_pixel_row(run_dir: str) -> dict:
   result = _load(os.path.join(run_dir, "eval.json"))
   driver = os.path.join(run_dir, "driver.json")
   record = _load(driver) if os.path.exists(driver) else {}
-  return {"regime": "baseline", "method": "raw_pixels", "label": "raw pixels", "prior": None,
+  return {"regime": "baseline", "method": "raw_pixels", "label": raw_pixel_label(result),
+          "prior": None,
           "prior_exponent": None, "prior_order": None, "kl_direction": None,
           "sinkhorn_marginal": None, "seeds": [],
           "knn_top1_mean": result["knn_top1"], "knn_top1_std": None,
@@ -100,12 +111,13 @@ def kept_rows(path: str, fresh_regimes: set[str]) -> tuple[list[dict], list[dict
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--report", action="append", default=[], metavar="REGIME:DIR")
-  parser.add_argument("--raw_pixels", help="experiments/raw_pixels.py --out directory")
+  parser.add_argument("--raw_pixels", action="append", default=[],
+                      help="an experiments/raw_pixels.py --out directory (repeatable)")
   parser.add_argument("--out", required=True)
   parser.add_argument("--keep", metavar="FILE",
                       help="an earlier results.json whose other regimes' rows are copied")
   args = parser.parse_args()
-  rows = [raw_pixel_row(args.raw_pixels)] if args.raw_pixels else []
+  rows = [raw_pixel_row(run_dir) for run_dir in args.raw_pixels]
   pairs = []
   for spec in args.report:
     regime, sep, report_dir = spec.partition(":")

@@ -288,10 +288,17 @@ def test_collect_results_writes_method_and_paired_rows(tmp_path):
   (raw / "eval.json").write_text(json.dumps({"knn_top1": 0.857, "linear_top1": 0.84,
                                              "groups": {"few": 0.95}}))
   (raw / "driver.json").write_text(json.dumps({"wall_s": 30, "cores": 2}))
+  unit = tmp_path / "raw01"  # pixels in [0, 1]: raw_pixels.py records the normalisation
+  unit.mkdir()
+  (unit / "eval.json").write_text(json.dumps({"knn_top1": 0.846, "pixel_mean": [0.0],
+                                              "pixel_std": [1.0]}))
   out = tmp_path / "results.json"
   subprocess.run([sys.executable, "experiments/collect_results.py", f"--out={out}",
-                  f"--report=prior_grid:{report}", f"--raw_pixels={raw}"], cwd=ROOT, check=True)
+                  f"--report=prior_grid:{report}", f"--raw_pixels={raw}",
+                  f"--raw_pixels={unit}"], cwd=ROOT, check=True)
   rows = json.loads(out.read_text())
+  assert rows[1]["label"] == "raw pixels in [0, 1]" and rows[1]["cpu_minutes"] is None
+  del rows[1]
   assert [r.get("method") for r in rows] == ["raw_pixels", "random_init", "msn", "pmsn", None]
   assert rows[0]["cpu_minutes"] == 1.0 and rows[0]["few_top1_mean"] == 0.95
   assert rows[1]["knn_top1_mean"] == 0.74 and rows[2]["prior_exponent"] is None
@@ -315,10 +322,11 @@ def test_collect_results_writes_method_and_paired_rows(tmp_path):
                    cwd=ROOT, check=True)
   merged = json.loads(kept.read_text())
   assert [(r["regime"], r.get("method")) for r in merged] == [
-      ("baseline", "raw_pixels"), ("prior_grid", "random_init"), ("prior_grid", "msn"),
-      ("prior_grid", "pmsn"), ("hard_tail", "random_init"), ("hard_tail", "msn"),
-      ("hard_tail", "pmsn"), ("prior_grid", None), ("hard_tail", None)]
-  assert merged[6]["kl_direction"] == "prior_to_mean" and merged[:4] == rows[:4]
+      ("baseline", "raw_pixels"), ("baseline", "raw_pixels"), ("prior_grid", "random_init"),
+      ("prior_grid", "msn"), ("prior_grid", "pmsn"), ("hard_tail", "random_init"),
+      ("hard_tail", "msn"), ("hard_tail", "pmsn"), ("prior_grid", None), ("hard_tail", None)]
+  assert merged[:5] == json.loads(out.read_text())[:5]  # copied as they were
+  assert merged[7]["kl_direction"] == "prior_to_mean"
   missing = subprocess.run([sys.executable, "experiments/collect_results.py", f"--out={kept}",
                             f"--keep={tmp_path / 'nope.json'}", f"--report=x:{report}"],
                            cwd=ROOT, capture_output=True, text=True)
