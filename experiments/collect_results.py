@@ -43,7 +43,7 @@ def method_rows(regime: str, report_dir: str) -> list[dict]:
                  "prior": row["prior"],
                  "prior_exponent": None if msn else row["prior_exponent"],
                  "prior_order": row.get("prior_order"),  # None for MSN and pre-order reports
-                 "kl_direction": row.get("kl_direction", "mean_to_prior"),  # older reports: default
+                 "kl_direction": row.get("kl_direction"),  # None: a report older than the field
                  "sinkhorn_marginal": row["sinkhorn_marginal"], "seeds": row["seeds"],
                  **{k: row.get(k) for k in MAIN_KEYS}, "cpu_minutes": row.get("cpu_minutes")})
   return rows
@@ -73,8 +73,7 @@ def raw_pixel_row(run_dir: str) -> dict:
   driver = os.path.join(run_dir, "driver.json")
   record = _load(driver) if os.path.exists(driver) else {}
   return {"regime": "baseline", "method": "raw_pixels", "label": raw_pixel_label(result),
-          "prior": None,
-          "prior_exponent": None, "prior_order": None, "kl_direction": None,
+          "prior": None, "prior_exponent": None, "prior_order": None, "kl_direction": None,
           "sinkhorn_marginal": None, "seeds": [],
           "knn_top1_mean": result["knn_top1"], "knn_top1_std": None,
           "linear_top1_mean": result.get("linear_top1"),
