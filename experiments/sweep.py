@@ -17,7 +17,8 @@ Plans (issue 7; docs/results.md says which ran, how long they took, and what the
   prior_grid   MSN vs PMSN tau_p in {0.25, 0.5, 1} x Sinkhorn marginal in {prior, uniform,
                off}, long-tailed Fashion-MNIST (imbalance 100), seed 0: 10 runs.
   paired       MSN and PMSN (tau_p and marginal from --tau/--marginal), seeds 0..--seeds-1;
-               --imbalance/--prototypes pick another cell.
+               --imbalance/--prototypes pick another cell; --kl_direction=prior_to_mean gives
+               PMSN KL(pi || p_bar) (its own group in the report; MSN keeps ME-MAX).
   minibatch    balanced Fashion-MNIST, balanced vs skewed mini-batches, MSN and PMSN.
   imbalance    imbalance {1000, 100, 10} x prototypes K {16, 64, 256, 1024}, MSN and PMSN
                (tau_p and marginal from --tau/--marginal), short runs (500 steps unless --steps).
