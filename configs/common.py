@@ -118,6 +118,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # such as smoke tests; the long-tailed bank keeps the pretraining rows among them.
   c.eval.max_train_examples = 0
   c.eval.max_test_examples = 0
+  # Readout of the frozen target encoder for every evaluator: "cls" (MSN's protocol),
+  # "avgpool" (mean patch token) or "cls_avgpool" (both concatenated, DINO's linear eval).
+  c.eval.features = "cls"
   c.eval.knn_k = 20
   c.eval.knn_temperature = 0.07
   c.eval.linear_epochs = 100

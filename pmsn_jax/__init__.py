@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 
-def load_encoder(path: str):
+def load_encoder(path: str, features: str = "cls"):
   """Loads an exported target encoder; see pmsn_jax.checkpoint.load_encoder."""
   from pmsn_jax.checkpoint import load_encoder as _load  # keep `import pmsn_jax` light
-  return _load(path)
+  return _load(path, features)

@@ -88,13 +88,18 @@ def export_encoder(directory: str, encoder_state: nnx.State, vit_cfg: vit.ViTCon
       json.dump(meta, f, indent=2)
 
 
-def load_encoder(path: str) -> Callable[[jax.Array], jax.Array]:
+def load_encoder(path: str, features: str = "cls") -> Callable[[jax.Array], jax.Array]:
   """Rebuilds an exported encoder. Returns encode(images [N,H,W,C]) -> features [N, D].
+
+  `features` picks the readout (vit.FEATURE_READOUTS): the CLS token, the mean patch token, or
+  both concatenated (D = 2 * width).
 
   `images` are raw pixels (uint8, or floats in [0, 255]); they are resized to the trained
   resolution if needed and normalised with the mean/std saved at export, so callers need not
   know how the model was trained.
   """
+  if features not in vit.FEATURE_READOUTS:
+    raise ValueError(f"features={features!r} is not one of {vit.FEATURE_READOUTS}.")
   path = os.path.abspath(path)
   meta_path = os.path.join(path, "model_config.json")
   if not os.path.exists(meta_path):
@@ -128,6 +133,6 @@ def load_encoder(path: str) -> Callable[[jax.Array], jax.Array]:
     if x.shape[1:3] != (cfg.image_size, cfg.image_size):
       x = jax.image.resize(x, (x.shape[0], cfg.image_size, cfg.image_size, cfg.channels),
                            "bilinear")
-    return nnx.merge(graphdef, state)((x - mean) / std)
+    return nnx.merge(graphdef, state)((x - mean) / std, features=features)
 
   return functools.partial(encode, abstract_state)

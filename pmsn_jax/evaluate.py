@@ -69,10 +69,10 @@ def pixel_encoder(encode, data_cfg, mesh):
   return functools.partial(run, params)
 
 
-def random_encoder(vit_cfg, seed: int, mesh):
+def random_encoder(vit_cfg, seed: int, mesh, features: str = "cls"):
   """A freshly initialised encoder of the export's architecture, taking normalised images."""
   graphdef, state = nnx.split(vit.ViT(vit_cfg, rngs=nnx.Rngs(seed)))
-  run = jax.jit(lambda state, images: nnx.merge(graphdef, state)(images))
+  run = jax.jit(lambda state, images: nnx.merge(graphdef, state)(images, features=features))
   return functools.partial(run, jax.device_put(state, sharding.replicated(mesh)))
 
 
@@ -93,7 +93,8 @@ def evaluate_export(config, export_dir: str, *, random_init: bool = False) -> di
   from pmsn_jax import checkpoint, validation
 
   validation.validate(config)
-  encode = checkpoint.load_encoder(export_dir)  # A wrong path fails here, in seconds.
+  # A wrong path fails here, in seconds.
+  encode = checkpoint.load_encoder(export_dir, config.eval.features)
   vit_cfg = read_model_config(export_dir, config.data)
   mesh = sharding.make_mesh(config.mesh)
   from pmsn_jax import train  # Imports TensorFlow (the data pipeline): only now it is needed.
@@ -102,7 +103,8 @@ def evaluate_export(config, export_dir: str, *, random_init: bool = False) -> di
   data = train.load_eval_data(config, train_split, pretrain_rows)
   train.say(f"evaluating {export_dir} on {len(data.train_labels)} train / "
             f"{len(data.test_labels)} test images of {config.data.source}")
-  reference = random_encoder(vit_cfg, config.seed, mesh) if random_init else None
+  reference = (random_encoder(vit_cfg, config.seed, mesh, config.eval.features)
+               if random_init else None)
   result = suite.evaluate(pixel_encoder(encode, config.data, mesh), reference, data, config,
                           mesh)
   result["export"] = export_dir

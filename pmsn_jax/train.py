@@ -276,15 +276,15 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
 
       if (config.eval.enabled and config.eval_every_steps and current < config.total_steps
           and current % config.eval_every_steps == 0):
-        result = suite.evaluate(target_encoder(graphdef, state), None, eval_data, config, mesh,
-                                linear_probe=False)
+        result = suite.evaluate(target_encoder(graphdef, state, config.eval.features), None,
+                                eval_data, config, mesh, linear_probe=False)
         writer.write(current, suite.scalars(result))
   finally:
     ckpt.close()  # never leave with an async save in flight
     preemption.close()
 
   # -------------------------------------------------------------------- export
-  encode = target_encoder(graphdef, state)
+  encode = target_encoder(graphdef, state, config.eval.features)
   checkpoint.export_encoder(os.path.join(workdir, "export"), encode.args[0], vit_cfg,
                             config.data.mean, config.data.std)
 
@@ -293,8 +293,9 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   if config.eval.enabled:
     # The reference encoder is this run's own initialisation (same config, same seed).
     initial_state = jax.jit(create_state, out_shardings=state_shardings)()
-    result = suite.evaluate(encode, target_encoder(graphdef, initial_state), eval_data,
-                            config, mesh)
+    result = suite.evaluate(
+        encode, target_encoder(graphdef, initial_state, config.eval.features), eval_data,
+        config, mesh)
     result["step"] = config.total_steps
     writer.write(config.total_steps, suite.scalars(result))
     if jax.process_index() == 0:
@@ -347,13 +348,14 @@ def compiled_summary(compiled) -> str:
   return "compiled train step: " + "; ".join(parts or ["no analysis from this backend"])
 
 
-def target_encoder(graphdef, state: step.TrainState) -> functools.partial:
-  """images -> CLS features of the EMA target encoder in `state`.
+def target_encoder(graphdef, state: step.TrainState, features: str = "cls") -> functools.partial:
+  """images -> features (vit.FEATURE_READOUTS) of the EMA target encoder in `state`.
 
   A partial over a jitted function: the encoder parameters (`.args[0]`) are an argument, not
   constants baked into the compiled program.
   """
   model = nnx.merge(graphdef, state.params, state.target, state.batch_stats)
   encoder_graph, encoder_state = nnx.split(model.target.encoder)
-  encode = jax.jit(lambda params, images: nnx.merge(encoder_graph, params)(images))
+  encode = jax.jit(
+      lambda params, images: nnx.merge(encoder_graph, params)(images, features=features))
   return functools.partial(encode, encoder_state)

@@ -210,6 +210,8 @@ def validate(config) -> None:
     _positive_int(config, f"eval.{key}")
   for key in ("max_train_examples", "max_test_examples"):
     _positive_int(config, f"eval.{key}", allow_zero=True)
+  _require(e.get("features", "cls") in vit.FEATURE_READOUTS, "eval.features",
+           e.get("features"), f"expected one of {vit.FEATURE_READOUTS}")
   _require(e.knn_temperature > 0, "eval.knn_temperature", e.knn_temperature, "expected > 0")
   _require(e.linear_lr > 0, "eval.linear_lr", e.linear_lr, "expected > 0")
   thresholds = tuple(e.get("shot_thresholds", (100, 20)))

@@ -80,6 +80,10 @@ def test_export_then_load_encoder_gives_the_in_memory_features(tmp_path):
   got = encode(images)
   assert got.shape == (5, vit_cfg.width)
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
+  both = load_encoder(str(tmp_path / "export"), features="cls_avgpool")(images)
+  assert both.shape == (5, 2 * vit_cfg.width)
+  np.testing.assert_allclose(np.asarray(both[:, :vit_cfg.width]), np.asarray(expected),
+                             rtol=1e-5, atol=1e-5)
 
 
 def test_load_encoder_errors_name_the_path(tmp_path):

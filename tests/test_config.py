@@ -86,6 +86,7 @@ def test_official_recipes_match_method_md():
     ("optim.ema_momentum", 1.5, "optim.ema_momentum"),
     ("optim.schedule_horizon_factor", 0.5, "optim.schedule_horizon_factor"),
     ("eval.knn_k", 0, "eval.knn_k"),
+    ("eval.features", "mean", "eval.features"),
     ("eval.lowshot_shots", (0, 2), "eval.lowshot_shots"),
     ("eval.shot_thresholds", (20, 100), "few <= many"),
     ("eval.shot_thresholds", (100,), "eval.shot_thresholds"),

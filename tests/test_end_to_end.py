@@ -48,6 +48,7 @@ def test_smoke_trains_evaluates_exports_and_resumes(tmp_path):
               "random_init_knn_lt_top1", "per_class_top1", "groups", "step"):
     assert key in result, key
   assert result["step"] == 12 and len(result["per_class_top1"]) == 10
+  assert result["features"] == "cls"
   assert set(result["groups"]) == {"many", "medium", "few"}
   assert 0.1 < result["knn_top1"] <= 1.0  # far above chance (10%) even after 12 steps
   with open(workdir / "config.json") as f:

@@ -271,7 +271,8 @@ def test_evaluate_cli_scores_an_export(tmp_path):
   proc = run_evaluate(f"--export={export}", "--config=configs/demo.py",
                       "--config.eval.max_train_examples=500",
                       "--config.eval.max_test_examples=200", "--config.eval.linear_epochs=2",
-                      "--config.eval.batch_size=256", "--config.eval.lowshot_splits=2")
+                      "--config.eval.batch_size=256", "--config.eval.lowshot_splits=2",
+                      "--config.eval.features=cls_avgpool")  # the end-to-end test scores "cls"
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(export / "eval.json") as f:  # the default --out
     result = json.load(f)
@@ -279,6 +280,7 @@ def test_evaluate_cli_scores_an_export(tmp_path):
               "linear_balanced_top1"):
     assert 0 <= result[key] <= 1, key
   assert "random_init_knn_top1" not in result  # only with --random_init
+  assert result["features"] == "cls_avgpool"
   assert set(result["groups"]) == set(result["linear_groups"]) == {"many", "medium", "few"}
   assert set(result["lowshot"]) == {"1", "2", "5"}
   assert all(len(s["per_split"]) == 2 for s in result["lowshot"].values())

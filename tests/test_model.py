@@ -50,6 +50,30 @@ def test_encoder_shapes_with_masking_and_focal_views():
     model(images, mask_ratio=0.5)
 
 
+def test_readouts_against_a_numpy_layer_norm():
+  tokens = np.random.default_rng(0).normal(size=(3, 5, 32)).astype(np.float32)
+  norm = nnx.LayerNorm(32, epsilon=1e-6, rngs=nnx.Rngs(0))  # scale 1, bias 0 at init
+  normed = (tokens - tokens.mean(-1, keepdims=True)) / np.sqrt(tokens.var(-1, keepdims=True)
+                                                                + 1e-6)
+  got = {name: np.asarray(vit.readout(norm, jnp.asarray(tokens), name))
+         for name in vit.FEATURE_READOUTS}
+  np.testing.assert_allclose(got["cls"], normed[:, 0], atol=1e-5)
+  np.testing.assert_allclose(got["avgpool"], normed[:, 1:].mean(1), atol=1e-5)
+  np.testing.assert_allclose(got["cls_avgpool"],
+                             np.concatenate([normed[:, 0], normed[:, 1:].mean(1)], -1), atol=1e-5)
+  with pytest.raises(ValueError, match="features='mean' is not one of"):
+    vit.readout(norm, jnp.asarray(tokens), "mean")
+
+
+def test_the_model_readouts_share_the_cls_feature():
+  model = vit.ViT(TINY, rngs=nnx.Rngs(0))
+  images = jax.random.normal(jax.random.key(0), (3, 16, 16, 3))
+  both = model(images, features="cls_avgpool")
+  assert both.shape == (3, 64)
+  np.testing.assert_allclose(both[:, :32], model(images), atol=1e-6)
+  np.testing.assert_allclose(both[:, 32:], model(images, features="avgpool"), atol=1e-6)
+
+
 def test_patch_drop_keeps_a_per_sample_subset():
   tokens = jnp.arange(2 * 10, dtype=jnp.float32).reshape(2, 10, 1) + jnp.zeros((2, 10, 3))
   kept = vit.keep_random_patches(tokens, 7, jax.random.key(0))

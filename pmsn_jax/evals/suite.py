@@ -98,6 +98,7 @@ def evaluate(encode: Callable, random_encode: Callable | None, data: EvalData, c
       "groups": groups,
       "pretrain_class_counts": data.pretrain_counts,
       "shot_thresholds": list(config.eval.shot_thresholds),
+      "features": config.eval.features,  # the encoder's readout (vit.FEATURE_READOUTS)
   }
   if linear_probe:
     pred = linear.linear_probe(train_f, data.train_labels, test_f, num_classes=data.num_classes,

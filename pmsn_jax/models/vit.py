@@ -80,6 +80,10 @@ def parse_variant(variant: str) -> tuple[dict, int]:
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# What a frozen encoder hands the evaluators (config.eval.features): the CLS token (MSN's
+# protocol, and what training's loss sees), the mean of the patch tokens, or both
+# concatenated (DINO's linear-eval readout for small ViTs). All after the final LayerNorm.
+FEATURE_READOUTS = ("cls", "avgpool", "cls_avgpool")
 
 
 def vit_config_from(config) -> ViTConfig:
@@ -202,8 +206,9 @@ class ViT(nnx.Module):
     cls = jnp.broadcast_to(self.cls_token[...] + cls_pos, (batch, 1, x.shape[-1]))
     return jnp.concatenate([cls, x], axis=1)
 
-  def encode_groups(self, groups, *, rng: jax.Array | None = None) -> list[jax.Array]:
-    """[(images, mask_ratio), ...] -> one CLS representation [B_i, width] per group.
+  def encode_groups(self, groups, *, rng: jax.Array | None = None,
+                    features: str = "cls") -> list[jax.Array]:
+    """[(images, mask_ratio), ...] -> one representation [B_i, D] per group (`readout`).
 
     Groups may differ in batch size and resolution; see the module docstring.
     """
@@ -218,8 +223,20 @@ class ViT(nnx.Module):
     def run_blocks(x, block):
       return apply_block(block, x)
 
-    return [self.norm(x[:, 0]) for x in run_blocks(tokens, self.blocks)]
+    return [readout(self.norm, x, features) for x in run_blocks(tokens, self.blocks)]
 
   def __call__(self, images: jax.Array, *, mask_ratio: float = 0.0,
-               rng: jax.Array | None = None) -> jax.Array:
-    return self.encode_groups([(images, mask_ratio)], rng=rng)[0]
+               rng: jax.Array | None = None, features: str = "cls") -> jax.Array:
+    """[B,S,S,C] -> [B, width] ("cls", "avgpool") or [B, 2 * width] ("cls_avgpool")."""
+    return self.encode_groups([(images, mask_ratio)], rng=rng, features=features)[0]
+
+
+def readout(norm: nnx.LayerNorm, tokens: jax.Array, features: str) -> jax.Array:
+  """The representation of [B, 1 + patches, width] tokens; see FEATURE_READOUTS."""
+  if features == "cls":
+    return norm(tokens[:, 0])  # LayerNorm is per token: only the CLS row is normalised
+  if features not in FEATURE_READOUTS:
+    raise ValueError(f"features={features!r} is not one of {FEATURE_READOUTS}.")
+  tokens = norm(tokens)
+  pooled = jnp.mean(tokens[:, 1:], axis=1)
+  return pooled if features == "avgpool" else jnp.concatenate([tokens[:, 0], pooled], axis=-1)
