@@ -318,6 +318,10 @@ def main():
   if bad:
     parser.error(f"--override={bad[0]}: expected KEY=VALUE with the key as in the config, "
                  "e.g. data.class_order=(0,1,3,5,7,8,9,4,2,6)")
+  if args.plan == "minibatch" and any(o.startswith("data.class_order=") for o in args.override):
+    # Every run would fail validation (class_order needs imbalance > 1): say so before any.
+    parser.error("--override=data.class_order: minibatch runs on balanced data "
+                 "(data.imbalance_ratio=1), where a class order has no tail to rearrange")
   if not 0 <= args.skew <= 1:
     parser.error(f"--skew={args.skew}: data.batch_class_skew must be in [0, 1]")
   # Ctrl-C too: the runs live in worker threads, where a KeyboardInterrupt would not reach.

@@ -243,6 +243,7 @@ def test_unknown_plan_names_the_plans():
     ("sweep.py", ["paired", "--seeds=0"], "--seeds=0: expected >= 1"),
     ("sweep.py", ["paired", "--imbalance=0.5"], "--imbalance=0.5: expected >= 1"),
     ("sweep.py", ["minibatch", "--skew=2"], "must be in [0, 1]"),
+    ("sweep.py", ["minibatch", "--override=data.class_order=(1,0)"], "balanced data"),
     ("sweep.py", ["paired", "--override=seed"], "expected KEY=VALUE"),
     ("sweep.py", ["paired", "--override=config.seed=1"], "expected KEY=VALUE"),
     ("prior_shapes.py", ["--prototypes=16,x"], "comma-separated numbers"),
