@@ -13,9 +13,10 @@ an earlier results.json.
 Each --report=REGIME:DIR is the --out of `python -m pmsn_jax.report` (its results.json and
 paired.json); REGIME names the table it came from. The rows follow issue 7's schema:
   method rows  {"regime", "method", "label", "prior", "prior_exponent", "prior_order",
-                "kl_direction", "sinkhorn_marginal", "seeds", "knn_top1_mean", "knn_top1_std",
-                "linear_top1_mean", "few_top1_mean", "cpu_minutes"}; method is "msn", "pmsn",
-                "raw_pixels" or "random_init";
+                "kl_direction", "features", "sinkhorn_marginal", "seeds", "knn_top1_mean",
+                "knn_top1_std", "linear_top1_mean", "few_top1_mean", "cpu_minutes"}; method is
+                "msn", "pmsn", "raw_pixels" or "random_init" ("features": the encoder readout
+                scored, eval.features; absent for raw pixels);
   paired rows  {"regime", "metric", "seeds", "pmsn_minus_msn_mean", "ci95_low", "ci95_high"}
                (plus "label" and "versus": the two groups compared).
 cpu_minutes are core-minutes (wall time x cores the run had) of all the group's runs.
@@ -44,6 +45,7 @@ def method_rows(regime: str, report_dir: str) -> list[dict]:
                  "prior_exponent": None if msn else row["prior_exponent"],
                  "prior_order": row.get("prior_order"),  # None for MSN and pre-order reports
                  "kl_direction": row.get("kl_direction"),  # None: a report older than the field
+                 "features": row.get("features"),  # the encoder readout; None: ditto
                  "sinkhorn_marginal": row["sinkhorn_marginal"], "seeds": row["seeds"],
                  **{k: row.get(k) for k in MAIN_KEYS}, "cpu_minutes": row.get("cpu_minutes")})
   return rows
@@ -88,8 +90,8 @@ def random_init_rows(regime: str, report_dir: str) -> list[dict]:
     if row.get("random_init_knn_top1_mean") is not None and row["msn"]:
       return [{"regime": regime, "method": "random_init", "label": "random-init encoder",
                "prior": None, "prior_exponent": None, "prior_order": None, "kl_direction": None,
-               "sinkhorn_marginal": None, "seeds": row["seeds"],
-               "knn_top1_mean": row["random_init_knn_top1_mean"],
+               "sinkhorn_marginal": None, "features": row.get("features"),
+               "seeds": row["seeds"], "knn_top1_mean": row["random_init_knn_top1_mean"],
                "knn_top1_std": row.get("random_init_knn_top1_std"), "linear_top1_mean": None,
                "few_top1_mean": None, "cpu_minutes": None}]
   return []

@@ -228,6 +228,8 @@ def results_table(groups: list[Group]) -> tuple[list[str], list[dict]]:
            # A uniform prior is the same in any order: no order for MSN.
            "prior_order": None if msn else loss.get("prior_order"),
            "kl_direction": loss.get("kl_direction", "mean_to_prior"),
+           # The encoder readout every evaluator scored (eval.features).
+           "features": group.runs[0].config.get("eval", {}).get("features", "cls"),
            "sinkhorn_marginal": ("off" if loss.get("sinkhorn_iters") == 0
                                  else loss.get("sinkhorn_marginal")),
            "seeds": seeds, "runs": [run.path for run in group.runs],

@@ -305,6 +305,7 @@ def test_collect_results_writes_method_and_paired_rows(tmp_path):
   assert rows[1]["knn_top1_mean"] == 0.74 and rows[2]["prior_exponent"] is None
   assert [r["prior_order"] for r in rows[:4]] == [None, None, None, "sorted"]
   assert [r["kl_direction"] for r in rows[:4]] == [None] * 4  # the report predates the field
+  assert [r.get("features") for r in rows[:4]] == [None] * 4  # likewise
   main_keys = {"method", "prior", "prior_exponent", "sinkhorn_marginal", "seeds",
                "knn_top1_mean", "knn_top1_std", "linear_top1_mean", "few_top1_mean",
                "cpu_minutes"}
