@@ -98,8 +98,7 @@ def load_encoder(path: str, features: str = "cls") -> Callable[[jax.Array], jax.
   resolution if needed and normalised with the mean/std saved at export, so callers need not
   know how the model was trained.
   """
-  if features not in vit.FEATURE_READOUTS:
-    raise ValueError(f"features={features!r} is not one of {vit.FEATURE_READOUTS}.")
+  vit.check_readout(features)  # before loading anything, not at the first call
   path = os.path.abspath(path)
   meta_path = os.path.join(path, "model_config.json")
   if not os.path.exists(meta_path):

@@ -89,3 +89,5 @@ def test_export_then_load_encoder_gives_the_in_memory_features(tmp_path):
 def test_load_encoder_errors_name_the_path(tmp_path):
   with pytest.raises(FileNotFoundError, match="model_config.json"):
     load_encoder(str(tmp_path / "nowhere"))
+  with pytest.raises(ValueError, match="features='mean' is not one of"):
+    load_encoder(str(tmp_path / "nowhere"), features="mean")

@@ -231,12 +231,16 @@ class ViT(nnx.Module):
     return self.encode_groups([(images, mask_ratio)], rng=rng, features=features)[0]
 
 
+def check_readout(features: str) -> None:
+  if features not in FEATURE_READOUTS:
+    raise ValueError(f"features={features!r} is not one of {FEATURE_READOUTS}.")
+
+
 def readout(norm: nnx.LayerNorm, tokens: jax.Array, features: str) -> jax.Array:
   """The representation of [B, 1 + patches, width] tokens; see FEATURE_READOUTS."""
   if features == "cls":
     return norm(tokens[:, 0])  # LayerNorm is per token: only the CLS row is normalised
-  if features not in FEATURE_READOUTS:
-    raise ValueError(f"features={features!r} is not one of {FEATURE_READOUTS}.")
+  check_readout(features)
   tokens = norm(tokens)
   pooled = jnp.mean(tokens[:, 1:], axis=1)
   return pooled if features == "avgpool" else jnp.concatenate([tokens[:, 0], pooled], axis=-1)
