@@ -31,14 +31,17 @@ EXPORT_FORMAT = "pmsn_jax.encoder.v1"
 class Checkpointer:
   """Thin wrapper over ocp.CheckpointManager with the policies the train loop needs."""
 
-  def __init__(self, directory: str, *, keep: int):
+  def __init__(self, directory: str, *, keep: int | None = None, read_only: bool = False):
+    """`read_only`: for evaluating another run's checkpoints: creates, cleans up and deletes
+    nothing there (that run may still be writing them)."""
     self.manager = ocp.CheckpointManager(
         os.path.abspath(directory),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=True,
+            max_to_keep=keep, create=not read_only, read_only=read_only,
+            enable_async_checkpointing=not read_only,
             # A save killed midway leaves a temporary directory, never a step directory:
             # it is ignored by latest_step() and deleted here on the next start.
-            cleanup_tmp_directories=True))
+            cleanup_tmp_directories=not read_only))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

@@ -1,15 +1,21 @@
-"""Evaluates an exported encoder:
+"""Evaluates an exported encoder, or the target encoder of a training checkpoint:
   python -m pmsn_jax.evaluate --export=DIR --config=configs/<file>.py[:arg]
                               [--config.<key>=<value> ...] [--out=FILE.json] [--random_init]
+  python -m pmsn_jax.evaluate --checkpoint=WORKDIR[/checkpoints/STEP] --config=... [...]
 
 The suite is the one training runs at its end (evals/suite.py: k-NN, linear probe, low-shot,
 per-class / balanced / shot-group accuracies; docs/evaluation.md). The config names the data
 and the protocol (config.data, config.eval, config.mesh); the model comes from the export alone
 (DIR/model_config.json), so an export can be re-scored with another protocol or cap.
 
-The result JSON goes to --out, by default DIR/eval.json: beside the encoder it measures, so
-two exports never overwrite each other's results, and training's WORKDIR/eval.json is left as
-training wrote it. The table is printed as at the end of training.
+A checkpoint is read with the config it was trained with (its model keys are checked against
+WORKDIR/config.json); WORKDIR alone means its newest step. Nothing in WORKDIR is changed but
+the result file, so a run that is still training can be scored.
+
+The result JSON goes to --out, by default DIR/eval.json for an export and
+WORKDIR/eval_step_<STEP>_<readout>.json for a checkpoint: beside the encoder it measures, so two
+encoders (or readouts of one checkpoint) never overwrite each other's results, and training's
+WORKDIR/eval.json is left as training wrote it. The table is printed as at the end of training.
 
 Like main.py, whose --config flag, multi-process flags and flag parser this module reuses, a
 user mistake ends with one line on stderr and exit status 2.
@@ -33,12 +39,15 @@ from pmsn_jax.models import vit
 
 _EXPORT = flags.DEFINE_string("export", None, "Encoder export directory (training writes "
                               "WORKDIR/export).")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "A training checkpoint, WORKDIR/checkpoints/STEP, or a WORKDIR (its "
+    "newest step): scores its EMA target encoder without exporting it.")
 _OUT = flags.DEFINE_string("out", None, "Where to write the result JSON; default "
-                           "<export>/eval.json.")
+                           "<export>/eval.json or WORKDIR/eval_step_<STEP>_<readout>.json.")
 _RANDOM_INIT = flags.DEFINE_bool(
     "random_init", False, "Also report the k-NN of a randomly initialised encoder of the "
-    "export's architecture (seed config.seed): the reference training reports beside its own.")
-flags.mark_flags_as_required(["export"])
+    "same architecture (seed config.seed): the reference training reports beside its own.")
+flags.mark_flags_as_mutual_exclusive(["export", "checkpoint"], required=True)
 for _name in ("config", "coordinator_address", "num_processes", "process_id"):
   flags.declare_key_flag(_name)  # listed by --help of this module, not only --helpfull
 # main.py marks --workdir required for training; evaluation writes only --out, so it is
@@ -97,18 +106,90 @@ def evaluate_export(config, export_dir: str, *, random_init: bool = False) -> di
   encode = checkpoint.load_encoder(export_dir, config.eval.features)
   vit_cfg = read_model_config(export_dir, config.data)
   mesh = sharding.make_mesh(config.mesh)
-  from pmsn_jax import train  # Imports TensorFlow (the data pipeline): only now it is needed.
-  from pmsn_jax.evals import suite
-  train_split, pretrain_rows = train.load_pretraining_data(config)
-  data = train.load_eval_data(config, train_split, pretrain_rows)
-  train.say(f"evaluating {export_dir} on {len(data.train_labels)} train / "
-            f"{len(data.test_labels)} test images of {config.data.source}")
   reference = (random_encoder(vit_cfg, config.seed, mesh, config.eval.features)
                if random_init else None)
-  result = suite.evaluate(pixel_encoder(encode, config.data, mesh), reference, data, config,
-                          mesh)
+  result = run_suite(config, export_dir, pixel_encoder(encode, config.data, mesh), reference,
+                     mesh)
   result["export"] = export_dir
   return result
+
+
+def find_checkpoint(path: str) -> tuple[str, int]:
+  """--checkpoint -> (workdir, step): WORKDIR/checkpoints/STEP, or WORKDIR and its newest step."""
+  from pmsn_jax import train
+
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    steps = train.checkpoint_steps(path)
+    if not steps:
+      raise FileNotFoundError(f"{path}/checkpoints holds no saved step yet; wait for the "
+                              "first checkpoint or pass another --checkpoint")
+    return path, steps[-1]
+  step_name, parent = os.path.basename(path), os.path.dirname(path)
+  if step_name.isdigit() and os.path.basename(parent) == "checkpoints":
+    workdir = os.path.dirname(parent)
+    if int(step_name) not in train.checkpoint_steps(workdir):
+      raise FileNotFoundError(f"{parent} has no step {step_name}; its saved steps are "
+                              f"{train.checkpoint_steps(workdir)}")
+    return workdir, int(step_name)
+  raise FileNotFoundError(f"--checkpoint={path} is neither a training WORKDIR (with "
+                          "checkpoints/) nor one of its steps, WORKDIR/checkpoints/STEP")
+
+
+def evaluate_checkpoint(config, path: str, *, random_init: bool = False) -> dict:
+  """Restores a training checkpoint (read-only), runs the suite on its EMA target encoder."""
+  from pmsn_jax import checkpoint, step, train, validation
+
+  validation.validate(config)
+  workdir, step_number = find_checkpoint(path)
+  changed = train.changed_shape_keys(config, workdir)
+  if changed:
+    raise ValueError(f"{workdir} was trained with a config that differs in {changed}; pass "
+                     "the training config (and its --config.* overrides)")
+  with open(os.path.join(workdir, "config.json")) as f:
+    data_changes = validation.changed_keys(json.load(f), json.loads(
+        config.to_json_best_effort()), ("data",))
+  if data_changes:  # allowed (e.g. another test set), but the shot groups may differ
+    train.say(f"note: config.data differs from the training run's in {data_changes}")
+  mesh = sharding.make_mesh(config.mesh)
+  graphdef, _, _, create_state = step.build(config, vit.vit_config_from(config))
+  abstract_state = jax.eval_shape(create_state)
+  shardings = sharding.state_shardings(abstract_state, mesh, config.partition_rules,
+                                       config.fsdp_min_size)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+  try:
+    state = ckpt.restore(step_number,
+                         checkpoint.abstract_with_shardings(abstract_state, shardings))
+  finally:
+    ckpt.close()
+  features = config.eval.features
+  # The reference is the one training reports: this config's own initialisation.
+  reference = (train.target_encoder(
+      graphdef, jax.jit(create_state, out_shardings=shardings)(), features)
+               if random_init else None)
+  result = run_suite(config, f"{workdir}/checkpoints/{step_number}",
+                     train.target_encoder(graphdef, state, features), reference, mesh)
+  result.update(step=step_number, checkpoint=workdir)
+  return result
+
+
+def run_suite(config, what: str, encode, reference, mesh) -> dict:
+  """The config's eval data, then suite.evaluate of `encode` (and the reference, if any)."""
+  from pmsn_jax import train  # Imports TensorFlow (the data pipeline): only now it is needed.
+  from pmsn_jax.evals import suite
+
+  train_split, pretrain_rows = train.load_pretraining_data(config)
+  data = train.load_eval_data(config, train_split, pretrain_rows)
+  train.say(f"evaluating {what} on {len(data.train_labels)} train / "
+            f"{len(data.test_labels)} test images of {config.data.source}")
+  return suite.evaluate(encode, reference, data, config, mesh)
+
+
+def default_out(result: dict) -> str:
+  if "export" in result:
+    return os.path.join(result["export"], "eval.json")
+  return os.path.join(result["checkpoint"],
+                      f"eval_step_{result['step']}_{result['features']}.json")
 
 
 def main(argv):
@@ -118,14 +199,17 @@ def main(argv):
   from pmsn_jax import distributed
 
   fv = flags.FLAGS
-  export_dir = os.path.abspath(_EXPORT.value)
-  out = os.path.abspath(_OUT.value or os.path.join(export_dir, "eval.json"))
   try:
     distributed.initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
-    result = evaluate_export(fv.config, export_dir, random_init=_RANDOM_INIT.value)
+    if _EXPORT.value:
+      result = evaluate_export(fv.config, os.path.abspath(_EXPORT.value),
+                               random_init=_RANDOM_INIT.value)
+    else:
+      result = evaluate_checkpoint(fv.config, _CHECKPOINT.value, random_init=_RANDOM_INIT.value)
   except (ValueError, FileNotFoundError) as e:
     logging.debug("user error", exc_info=True)
     _user_error(str(e))
+  out = os.path.abspath(_OUT.value or default_out(result))
   from pmsn_jax import train  # loaded by evaluate_export by now
   from pmsn_jax.evals import suite
   train.say(suite.format_table(result))

@@ -47,6 +47,22 @@ def test_save_restore_round_trip_is_exact(tmp_path):
     assert a.sharding == b.sharding
 
 
+def test_read_only_checkpointer_leaves_a_running_save_alone(tmp_path):
+  """evaluate --checkpoint reads checkpoints a training run may still be writing: the
+  read-only manager must not clean up that run's in-flight (temporary) save."""
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2)
+  ckpt.save(7, {"w": jnp.arange(3.0)})
+  ckpt.close()
+  in_flight = tmp_path / "8.orbax-checkpoint-tmp-1733540000000000"
+  in_flight.mkdir()
+  for read_only, survives in ((True, True), (False, False)):
+    ckpt = checkpoint.Checkpointer(str(tmp_path), read_only=read_only)
+    assert ckpt.latest_step() == 7
+    np.testing.assert_array_equal(ckpt.restore(7, {"w": jnp.zeros(3)})["w"], [0.0, 1.0, 2.0])
+    ckpt.close()
+    assert in_flight.exists() == survives, read_only
+
+
 def test_restoring_into_another_model_is_a_clear_error(tmp_path):
   config = small_config()
   mesh = sharding.make_mesh(config.mesh)

@@ -25,6 +25,12 @@ def run_main(workdir, *overrides):
   return proc
 
 
+def run_evaluate(*args):
+  return subprocess.run([sys.executable, "-m", "pmsn_jax.evaluate", *args], cwd=ROOT,
+                        env=dict(os.environ, XLA_FLAGS=""), capture_output=True, text=True,
+                        timeout=600)
+
+
 def read_metrics(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
@@ -58,6 +64,24 @@ def test_smoke_trains_evaluates_exports_and_resumes(tmp_path):
 
   features = load_encoder(str(workdir / "export"))(np.zeros((2, 28, 28, 1), np.uint8))
   assert features.shape == (2, 128)
+
+  # The evaluate CLI on the run's newest checkpoint (read-only) gives training's own numbers.
+  rescored = run_evaluate(f"--checkpoint={workdir}", "--config=configs/demo.py:smoke",
+                          "--random_init")
+  assert rescored.returncode == 0, rescored.stderr[-3000:]
+  with open(workdir / "eval_step_12_cls.json") as f:
+    again = json.load(f)
+  for key in ("knn_top1", "knn_lt_top1", "linear_top1", "random_init_knn_top1",
+              "per_class_top1", "groups", "lowshot", "step"):
+    assert again[key] == result[key], key
+  assert again["checkpoint"] == str(workdir)
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "6"]  # nothing written there
+  wrong = run_evaluate(f"--checkpoint={workdir}/checkpoints/6", "--config=configs/demo.py")
+  assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+  assert [line for line in wrong.stderr.splitlines() if line.startswith("error:")] == [
+      f"error: {workdir} was trained with a config that differs in ['model.hidden_dim', "
+      "'model.num_prototypes', 'data.num_focal']; pass the training config (and its "
+      "--config.* overrides)"]
 
   # Same command with a longer horizon: resumes from step 12, does not restart.
   second = run_main(workdir, "--config.total_steps=16")

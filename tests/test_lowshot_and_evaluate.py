@@ -299,3 +299,11 @@ def test_evaluate_cli_flag_mistakes_are_one_line_errors(tmp_path):
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert error_lines(proc) == ["error: unknown config key 'eval.lowshot_shot'; did you mean "
                                "'eval.lowshot_shots'?"]
+  both = run_evaluate(f"--export={tmp_path}", f"--checkpoint={tmp_path}",
+                      "--config=configs/demo.py")
+  assert both.returncode == 2 and len(error_lines(both)) == 1
+  assert "Exactly one of (export, checkpoint)" in error_lines(both)[0]
+  (tmp_path / "checkpoints" / "6").mkdir(parents=True)
+  missing = run_evaluate(f"--checkpoint={tmp_path}/checkpoints/7", "--config=configs/demo.py")
+  assert missing.returncode == 2 and error_lines(missing) == [
+      f"error: {tmp_path}/checkpoints has no step 7; its saved steps are [6]"]
