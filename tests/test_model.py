@@ -74,6 +74,20 @@ def test_the_model_readouts_share_the_cls_feature():
   np.testing.assert_allclose(both[:, 32:], model(images, features="avgpool"), atol=1e-6)
 
 
+def test_gelu_is_the_exact_erf_gelu():
+  import math
+  x = np.linspace(-8, 8, 4001, dtype=np.float32)
+  expected = np.array([v * 0.5 * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
+  np.testing.assert_allclose(np.asarray(vit.gelu(jnp.asarray(x))), expected, rtol=1e-5,
+                             atol=1e-6)
+  derivative = np.array([0.5 * (1 + math.erf(v / math.sqrt(2)))
+                         + v * math.exp(-v * v / 2) / math.sqrt(2 * math.pi)
+                         for v in x.astype(np.float64)])
+  np.testing.assert_allclose(np.asarray(jax.vmap(jax.grad(vit.gelu))(jnp.asarray(x))),
+                             derivative, rtol=1e-5, atol=1e-6)
+  assert vit.gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
+
+
 def test_patch_drop_keeps_a_per_sample_subset():
   tokens = jnp.arange(2 * 10, dtype=jnp.float32).reshape(2, 10, 1) + jnp.zeros((2, 10, 3))
   kept = vit.keep_random_patches(tokens, 7, jax.random.key(0))

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pmsn_jax.models.vit import gelu
+
 
 class ProjectionHead(nnx.Module):
   """Linear-BN-GELU-Linear-BN-GELU-Linear, as in official MSN.
@@ -26,8 +28,8 @@ class ProjectionHead(nnx.Module):
     self.fc3 = nnx.Linear(hidden_dim, out_dim, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = jax.nn.gelu(self.bn1(self.fc1(x)), approximate=False)
-    x = jax.nn.gelu(self.bn2(self.fc2(x)), approximate=False)
+    x = gelu(self.bn1(self.fc1(x)))
+    x = gelu(self.bn2(self.fc2(x)))
     return self.fc3(x)
 
 
