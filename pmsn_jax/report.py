@@ -92,7 +92,7 @@ def method_label(config: dict) -> str:
     label = f"{name}, Sinkhorn {marginal}"
     if loss.get("prior_order", "fixed") == "sorted" and prior != "uniform":  # else a no-op
       label += ", sorted prior"
-  if loss.get("kl_direction", "mean_to_prior") != "mean_to_prior":
+  if loss.get("kl_direction") == "prior_to_mean":
     label += ", KL(π‖p̄)"
   return label
 
@@ -227,7 +227,7 @@ def results_table(groups: list[Group]) -> tuple[list[str], list[dict]]:
            "prior_exponent": loss.get("prior_exponent"),
            # A uniform prior is the same in any order: no order for MSN.
            "prior_order": None if msn else loss.get("prior_order"),
-           "kl_direction": loss.get("kl_direction", "mean_to_prior"),
+           "kl_direction": loss.get("kl_direction"),
            # The encoder readout every evaluator scored (eval.features).
            "features": group.runs[0].config.get("eval", {}).get("features", "cls"),
            "sinkhorn_marginal": ("off" if loss.get("sinkhorn_iters") == 0

@@ -24,8 +24,8 @@ class RunDirError(ValueError):
 
 # Config keys added after runs were made, with the value older runs behaved as: so an old run
 # and a new one with the same settings still group as seeds of one method.
-ADDED_CONFIG_KEYS = {("loss", "prior_order"): "fixed", ("data", "class_order"): [],
-                     ("eval", "features"): "cls"}
+ADDED_CONFIG_KEYS = {("loss", "prior_order"): "fixed", ("loss", "kl_direction"): "mean_to_prior",
+                     ("data", "class_order"): [], ("eval", "features"): "cls"}
 
 
 @dataclasses.dataclass

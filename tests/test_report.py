@@ -122,8 +122,10 @@ def test_runs_from_before_a_config_key_group_with_runs_that_have_its_default(tmp
   new = _config(1)
   new["loss"]["prior_order"] = "fixed"
   new["data"]["class_order"] = []  # config.json's form of the default ()
+  old = _config(0)
+  del old["loss"]["kl_direction"]
   runs = [run_dir.load_run(_write_run(tmp_path / name, config, _eval(0.8)))
-          for name, config in (("old", _config(0)), ("new", new))]
+          for name, config in (("old", old), ("new", new))]
   groups = report.group_runs(runs)
   assert len(groups) == 1 and [r.seed for r in groups[0].runs] == [0, 1]
   # results.json names the order for PMSN (old runs read as "fixed"), none for MSN.
@@ -132,6 +134,7 @@ def test_runs_from_before_a_config_key_group_with_runs_that_have_its_default(tmp
   _, rows = report.results_table(report.group_runs(runs + [msn]))
   assert [row["prior_order"] for row in rows] == ["fixed", None]
   assert [row["features"] for row in rows] == ["cls", "cls"]  # eval.features' default
+  assert [row["kl_direction"] for row in rows] == ["mean_to_prior"] * 2
 
 
 def test_one_run_scored_with_two_readouts_is_two_labelled_rows(tmp_path):
