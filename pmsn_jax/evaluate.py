@@ -30,11 +30,13 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import app, flags, logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from pmsn_jax import main as cli  # --config, multi-process flags, parse_flags, USER_ERROR_EXIT
-from pmsn_jax import sharding
+from pmsn_jax import run_dir, sharding
 from pmsn_jax.models import vit
 
 _EXPORT = flags.DEFINE_string("export", None, "Encoder export directory (training writes "
@@ -142,13 +144,20 @@ def evaluate_checkpoint(config, path: str, *, random_init: bool = False) -> dict
 
   validation.validate(config)
   workdir, step_number = find_checkpoint(path)
+  if jax.process_count() > 1:  # a run still saving: every process must read the same step
+    step_number = int(multihost_utils.broadcast_one_to_all(np.int32(step_number)))
+  config_path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"{config_path} not found: --checkpoint needs a pmsn_jax.main "
+                            "workdir, which saves its config there")
   changed = train.changed_shape_keys(config, workdir)
   if changed:
     raise ValueError(f"{workdir} was trained with a config that differs in {changed}; pass "
                      "the training config (and its --config.* overrides)")
-  with open(os.path.join(workdir, "config.json")) as f:
-    data_changes = validation.changed_keys(json.load(f), json.loads(
-        config.to_json_best_effort()), ("data",))
+  with open(config_path) as f:  # keys newer than the run read as the value it ran with
+    saved = run_dir.with_added_keys(json.load(f))
+  data_changes = validation.changed_keys(saved, json.loads(config.to_json_best_effort()),
+                                         ("data",))
   if data_changes:  # allowed (e.g. another test set), but the shot groups may differ
     train.say(f"note: config.data differs from the training run's in {data_changes}")
   mesh = sharding.make_mesh(config.mesh)
@@ -163,12 +172,13 @@ def evaluate_checkpoint(config, path: str, *, random_init: bool = False) -> dict
   finally:
     ckpt.close()
   features = config.eval.features
+  encode = train.target_encoder(graphdef, state, features)
+  del state  # keeps only the target encoder: the optimizer state is freed before the suite
   # The reference is the one training reports: this config's own initialisation.
   reference = (train.target_encoder(
       graphdef, jax.jit(create_state, out_shardings=shardings)(), features)
                if random_init else None)
-  result = run_suite(config, f"{workdir}/checkpoints/{step_number}",
-                     train.target_encoder(graphdef, state, features), reference, mesh)
+  result = run_suite(config, f"{workdir}/checkpoints/{step_number}", encode, reference, mesh)
   result.update(step=step_number, checkpoint=workdir)
   return result
 

@@ -28,6 +28,14 @@ ADDED_CONFIG_KEYS = {("loss", "prior_order"): "fixed", ("loss", "kl_direction"):
                      ("data", "class_order"): [], ("eval", "features"): "cls"}
 
 
+def with_added_keys(config: dict) -> dict:
+  """A run's config.json dict with ADDED_CONFIG_KEYS filled in where it predates them."""
+  for (section, key), value in ADDED_CONFIG_KEYS.items():
+    if isinstance(config.get(section), dict):
+      config[section].setdefault(key, copy.deepcopy(value))
+  return config
+
+
 @dataclasses.dataclass
 class Run:
   path: str                      # as given on the command line
@@ -92,10 +100,7 @@ def load_run(path: str) -> Run:
   config = _read_json(config_path, "pass the --workdir of a pmsn_jax.main run")
   if not isinstance(config, dict):
     raise RunDirError(f"{config_path} holds no config dict; pass the --workdir of a run")
-  for (section, key), value in ADDED_CONFIG_KEYS.items():  # runs made before the key existed
-    if isinstance(config.get(section), dict):
-      config[section].setdefault(key, copy.deepcopy(value))
-  run = Run(path=path, config=config)
+  run = Run(path=path, config=with_added_keys(config))
 
   eval_path = os.path.join(path, "eval.json")
   if os.path.isfile(eval_path):
