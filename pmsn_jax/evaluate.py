@@ -130,9 +130,10 @@ def find_checkpoint(path: str) -> tuple[str, int]:
   step_name, parent = os.path.basename(path), os.path.dirname(path)
   if step_name.isdigit() and os.path.basename(parent) == "checkpoints":
     workdir = os.path.dirname(parent)
-    if int(step_name) not in train.checkpoint_steps(workdir):
+    saved_steps = train.checkpoint_steps(workdir)
+    if int(step_name) not in saved_steps:
       raise FileNotFoundError(f"{parent} has no step {step_name}; its saved steps are "
-                              f"{train.checkpoint_steps(workdir)}")
+                              f"{saved_steps}")
     return workdir, int(step_name)
   raise FileNotFoundError(f"--checkpoint={path} is neither a training WORKDIR (with "
                           "checkpoints/) nor one of its steps, WORKDIR/checkpoints/STEP")
@@ -150,14 +151,14 @@ def evaluate_checkpoint(config, path: str, *, random_init: bool = False) -> dict
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f"{config_path} not found: --checkpoint needs a pmsn_jax.main "
                             "workdir, which saves its config there")
-  changed = train.changed_shape_keys(config, workdir)
+  with open(config_path) as f:  # keys newer than the run read as the value it ran with
+    saved = run_dir.with_added_keys(json.load(f))
+  current = json.loads(config.to_json_best_effort())
+  changed = validation.changed_keys(saved, current, train.SHAPE_KEYS)
   if changed:
     raise ValueError(f"{workdir} was trained with a config that differs in {changed}; pass "
                      "the training config (and its --config.* overrides)")
-  with open(config_path) as f:  # keys newer than the run read as the value it ran with
-    saved = run_dir.with_added_keys(json.load(f))
-  data_changes = validation.changed_keys(saved, json.loads(config.to_json_best_effort()),
-                                         ("data",))
+  data_changes = validation.changed_keys(saved, current, ("data",))
   if data_changes:  # allowed (e.g. another test set), but the shot groups may differ
     train.say(f"note: config.data differs from the training run's in {data_changes}")
   mesh = sharding.make_mesh(config.mesh)
