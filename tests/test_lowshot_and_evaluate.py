@@ -307,6 +307,10 @@ def test_evaluate_cli_flag_mistakes_are_one_line_errors(tmp_path):
   missing = run_evaluate(f"--checkpoint={tmp_path}/checkpoints/7", "--config=configs/demo.py")
   assert missing.returncode == 2 and error_lines(missing) == [
       f"error: {tmp_path}/checkpoints has no step 7; its saved steps are [6]"]
+  nowhere = run_evaluate(f"--checkpoint={tmp_path}/nowhere", "--config=configs/demo.py")
+  assert nowhere.returncode == 2 and error_lines(nowhere) == [
+      f"error: --checkpoint={tmp_path}/nowhere is neither a training WORKDIR (with "
+      "checkpoints/) nor one of its steps, WORKDIR/checkpoints/STEP"]
   unsaved = run_evaluate(f"--checkpoint={tmp_path}", "--config=configs/demo.py")
   assert unsaved.returncode == 2 and error_lines(unsaved) == [
       f"error: {tmp_path}/config.json not found: --checkpoint needs a pmsn_jax.main workdir, "
