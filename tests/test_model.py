@@ -1,5 +1,7 @@
 """Model shapes, patch drop, position-embedding interpolation, EMA, schedules, decay mask."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,6 +88,22 @@ def test_gelu_is_the_exact_erf_gelu():
   np.testing.assert_allclose(np.asarray(jax.vmap(jax.grad(vit.gelu))(jnp.asarray(x))),
                              derivative, rtol=1e-5, atol=1e-6)
   assert vit.gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+def test_patch_embedding_is_the_strided_convolution_of_its_kernel():
+  model = vit.ViT(dataclasses.replace(TINY, patch_size=4), rngs=nnx.Rngs(0))
+  images = np.random.default_rng(0).standard_normal((2, 12, 12, 3)).astype(np.float32)
+  kernel, bias = np.asarray(model.patch_embed.kernel[...]), np.asarray(model.patch_embed.bias[...])
+  expected = np.zeros((2, 3, 3, TINY.width), np.float32)
+  for i in range(3):  # one dot per patch: what a stride-4, 4x4 VALID convolution computes
+    for j in range(3):
+      window = images[:, 4 * i:4 * i + 4, 4 * j:4 * j + 4, :]
+      expected[:, i, j] = np.einsum("bhwc,hwcd->bd", window, kernel) + bias
+  got = np.asarray(model.embed_patches(jnp.asarray(images)))
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  # and the nnx.Conv the checkpoints store the kernel of, applied as a convolution
+  np.testing.assert_allclose(got, np.asarray(model.patch_embed(jnp.asarray(images))),
+                             rtol=1e-6, atol=1e-6)
 
 
 def test_patch_drop_keeps_a_per_sample_subset():
