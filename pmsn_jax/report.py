@@ -78,8 +78,14 @@ def _fmt(value) -> str:
   return f"{value:g}" if is_number(value) else str(value)
 
 
+OFFICIAL_SINKHORN_ITERS = 3  # MSN's (METHOD.md); other counts are named in PMSN labels
+
+
 def method_label(config: dict) -> str:
-  """"MSN" or e.g. "PMSN τ_p=0.25, Sinkhorn prior", from the loss keys (configs/common.py)."""
+  """"MSN" or e.g. "PMSN τ_p=0.25, Sinkhorn prior", from the loss keys (configs/common.py).
+
+  MSN stays "MSN" whatever its Sinkhorn iterations (it is the baseline PMSN groups pair with;
+  groups that share a label are told apart by their differing keys, see _group_labels)."""
   loss = config.get("loss", {})
   prior = loss.get("prior")
   marginal = "off" if loss.get("sinkhorn_iters") == 0 else loss.get("sinkhorn_marginal")
@@ -92,6 +98,9 @@ def method_label(config: dict) -> str:
     label = f"{name}, Sinkhorn {marginal}"
     if loss.get("prior_order", "fixed") == "sorted" and prior != "uniform":  # else a no-op
       label += ", sorted prior"
+    iters = loss.get("sinkhorn_iters", OFFICIAL_SINKHORN_ITERS)
+    if iters not in (0, OFFICIAL_SINKHORN_ITERS):
+      label += f" ({iters} iterations)"
   if loss.get("kl_direction") == "prior_to_mean":
     label += ", KL(π‖p̄)"
   return label

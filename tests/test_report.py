@@ -111,6 +111,12 @@ def test_method_labels():
   off["loss"]["sinkhorn_iters"] = 0
   assert report.method_label(off) == "PMSN τ_p=0.25, Sinkhorn off"
   assert report.method_label(_config(0, "fit")) == "PMSN τ_p fitted, Sinkhorn prior"
+  longer = _config(0, exponent=1.0)
+  longer["loss"]["sinkhorn_iters"] = 10
+  assert report.method_label(longer) == "PMSN τ_p=1, Sinkhorn prior (10 iterations)"
+  msn = _config(0, "uniform", "uniform")
+  msn["loss"]["sinkhorn_iters"] = 10
+  assert report.method_label(msn) == "MSN"  # still the baseline PMSN groups pair with
   ranked = _config(0, exponent=2.0)
   ranked["loss"]["prior_order"] = "sorted"
   assert report.method_label(ranked) == "PMSN τ_p=2, Sinkhorn prior, sorted prior"
