@@ -56,8 +56,8 @@ class Checkpointer:
     except (ValueError, KeyError) as e:
       raise ValueError(
           f"checkpoint {self.manager.directory}/{step} does not match this config's model "
-          f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); pass the config it was written with (to train "
-          "another model, use a fresh --workdir).") from None
+          f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); pass the config it was "
+          "written with (to train another model, use a fresh --workdir).") from None
 
   def close(self) -> None:
     """Blocks until any async save is committed: never exit with a save in flight.

@@ -96,11 +96,11 @@ def method_label(config: dict) -> str:
             "fit": "PMSN τ_p fitted", "uniform": "uniform prior",
             "custom": "PMSN custom prior"}.get(prior, f"prior {prior}")
     label = f"{name}, Sinkhorn {marginal}"
-    if loss.get("prior_order", "fixed") == "sorted" and prior != "uniform":  # else a no-op
-      label += ", sorted prior"
     iters = loss.get("sinkhorn_iters", OFFICIAL_SINKHORN_ITERS)
     if iters not in (0, OFFICIAL_SINKHORN_ITERS):
       label += f" ({iters} iterations)"
+    if loss.get("prior_order", "fixed") == "sorted" and prior != "uniform":  # else a no-op
+      label += ", sorted prior"
   if loss.get("kl_direction") == "prior_to_mean":
     label += ", KL(π‖p̄)"
   return label
