@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from pmsn_jax import sharding, step  # noqa: E402
+from pmsn_jax import host_setup, sharding, step  # noqa: E402
 from pmsn_jax.models import vit  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
@@ -129,5 +129,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host_setup.exec_with_huge_page_malloc()  # as `python -m pmsn_jax.main` runs
   flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -36,7 +36,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from pmsn_jax import main as cli  # --config, multi-process flags, parse_flags, USER_ERROR_EXIT
-from pmsn_jax import run_dir, sharding
+from pmsn_jax import host_setup, run_dir, sharding
 from pmsn_jax.models import vit
 
 _EXPORT = flags.DEFINE_string("export", None, "Encoder export directory (training writes "
@@ -240,6 +240,7 @@ def _user_error(message: str):
 
 
 def run():
+  host_setup.exec_with_huge_page_malloc()  # before JAX starts; see its docstring
   app.run(main, flags_parser=cli.parse_flags)
 
 

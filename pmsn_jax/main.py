@@ -21,6 +21,8 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from pmsn_jax import host_setup  # noqa: E402
+
 USER_ERROR_EXIT = 2
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -100,6 +102,7 @@ def parse_flags(argv):
 
 
 def run():
+  host_setup.exec_with_huge_page_malloc()  # before JAX starts; see its docstring
   app.run(main, flags_parser=parse_flags)
 
 
