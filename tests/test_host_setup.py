@@ -12,8 +12,8 @@ import pytest
 
 from pmsn_jax import host_setup
 
-# Fresh processes: XLA reads its flags, and its threads pick a malloc arena, when JAX opens the
-# CPU backend. JAX is imported first, as user code often does.
+# Fresh processes: XLA reads its flags when JAX opens the CPU backend, and glibc its tunables
+# when a process starts. JAX is imported first, as user code often does.
 DOT_PROBE = """
 import os
 import jax, jax.numpy as jnp
