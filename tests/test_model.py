@@ -76,6 +76,54 @@ def test_the_model_readouts_share_the_cls_feature():
   np.testing.assert_allclose(both[:, 32:], model(images, features="avgpool"), atol=1e-6)
 
 
+def numpy_vit(model: vit.ViT, images: np.ndarray) -> np.ndarray:
+  """An independent float64 forward pass of the encoder at its base grid: every token through
+  every block, all tokens after the final LayerNorm [B, 1 + patches, D]."""
+  cfg, p = model.cfg, model.cfg.patch_size
+  par = lambda x: np.asarray(x[...], np.float64)  # noqa: E731
+  def norm(x, ln, i=None):
+    scale, bias = par(ln.scale), par(ln.bias)
+    scale, bias = (scale, bias) if i is None else (scale[i], bias[i])
+    return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6) * scale \
+        + bias
+  batch, grid = images.shape[0], cfg.grid
+  x = np.zeros((batch, grid * grid, cfg.width))
+  kernel = par(model.patch_embed.kernel)
+  for i in range(grid):
+    for j in range(grid):
+      window = images[:, p * i:p * i + p, p * j:p * j + p]
+      x[:, i * grid + j] = np.einsum("bhwc,hwcd->bd", window, kernel)
+  x += par(model.patch_embed.bias) + par(model.pos_embed)[:, 1:]
+  cls = par(model.cls_token) + par(model.pos_embed)[:, :1]
+  x = np.concatenate([np.broadcast_to(cls, (batch, 1, cfg.width)), x], axis=1)
+  blocks, heads, head_dim = model.blocks, cfg.num_heads, cfg.width // cfg.num_heads
+  erf = np.vectorize(__import__("math").erf)
+  for i in range(cfg.depth):
+    linear = lambda x, layer: x @ par(layer.kernel)[i] + par(layer.bias)[i]  # noqa: E731
+    q, k, v = np.split(linear(norm(x, blocks.norm1, i), blocks.qkv), 3, axis=-1)
+    q, k, v = (a.reshape(batch, -1, heads, head_dim) for a in (q, k, v))
+    logits = np.einsum("bqnh,bknh->bnqk", q, k) / np.sqrt(head_dim)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    attn = np.einsum("bnqk,bknh->bqnh", weights, v).reshape(batch, -1, cfg.width)
+    x = x + linear(attn, blocks.proj)
+    hidden = linear(norm(x, blocks.norm2, i), blocks.fc1)
+    x = x + linear(0.5 * hidden * (1 + erf(hidden / np.sqrt(2))), blocks.fc2)
+  return norm(x, model.norm)
+
+
+def test_encoder_readouts_match_an_independent_numpy_vit():
+  # "cls" runs the last block for the CLS rows only; the other readouts run it for every token.
+  model = vit.ViT(dataclasses.replace(TINY, depth=3), rngs=nnx.Rngs(0))
+  images = np.random.default_rng(0).standard_normal((2, 16, 16, 3))
+  expected = numpy_vit(model, images)
+  pooled = expected[:, 1:].mean(1)
+  for features, want in [("cls", expected[:, 0]), ("avgpool", pooled),
+                         ("cls_avgpool", np.concatenate([expected[:, 0], pooled], -1))]:
+    got = model(jnp.asarray(images, jnp.float32), features=features)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4, err_msg=features)
+
+
 def test_gelu_is_the_exact_erf_gelu():
   import math
   x = np.linspace(-8, 8, 4001, dtype=np.float32)

@@ -1,6 +1,7 @@
 """Fused token groups, remat and bfloat16 compute: each must leave the numbers alone.
 
 * encoding the masked anchors and focal crops in one call equals separate calls;
+* running the last block for the CLS rows alone gives the full block's gradients;
 * rematerialised blocks give the same gradients as stored activations (to float32 rounding);
 * a bfloat16 step stays within the documented tolerance of the float32 step
   (docs/performance.md): loss within 0.5% relative, gradients with cosine similarity
@@ -29,6 +30,25 @@ def test_fused_groups_equal_separate_calls():
   fused = model.encode_groups([(anchor, 0.25), (focal, 0.0)], rng=key)
   np.testing.assert_allclose(fused[0], model(anchor, mask_ratio=0.25, rng=key), atol=2e-5)
   np.testing.assert_allclose(fused[1], model(focal), atol=2e-5)
+
+
+def test_cls_only_last_block_gives_the_full_blocks_gradients():
+  # With the CLS readout the last block runs for the CLS rows only; reading the CLS half of
+  # "cls_avgpool" runs it for every token. Same loss, so the same gradients.
+  model = vit.ViT(TINY, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  rng = np.random.default_rng(0)
+  anchor = jnp.asarray(rng.standard_normal((3, 16, 16, 3)), jnp.float32)
+  focal = jnp.asarray(rng.standard_normal((12, 8, 8, 3)), jnp.float32)
+  weights = [jnp.asarray(rng.standard_normal((n, TINY.width)), jnp.float32) for n in (3, 12)]
+
+  def loss(params, features):
+    reps = nnx.merge(graphdef, params).encode_groups(
+        [(anchor, 0.25), (focal, 0.0)], rng=jax.random.key(1), features=features)
+    return sum(jnp.sum(w * r[:, :TINY.width]) for w, r in zip(weights, reps))
+  grads = [jax.tree.leaves(jax.grad(loss)(params, f)) for f in ("cls", "cls_avgpool")]
+  for cls_only, full in zip(*grads):
+    np.testing.assert_allclose(cls_only, full, rtol=1e-4, atol=1e-6 * np.abs(full).max())
 
 
 def tiny_config(**overrides):
