@@ -41,7 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 
 SIZES = {"Ti": (192, 12, 3), "S": (384, 12, 6)}  # width, depth, heads
-GFLOPS_PER_IMG = {"Ti": 22.11, "S": 82.29}  # benchmarks/train_step.py, XLA cost analysis
+# XLA cost analysis of this step with every token through every block (benchmarks/train_step.py
+# before the JAX model ran its last block for the CLS rows alone: 20.37 / 76.46 GFLOP there).
+GFLOPS_PER_IMG = {"Ti": 22.11, "S": 82.29}
 
 
 class Block(nn.Module):
