@@ -35,11 +35,14 @@ def exec_with_huge_page_malloc() -> None:
   free: every step faults in ~237,000 new 4 KiB pages, 0.6 s of kernel time in a 3.6 s
   single-threaded step. Asked to back its memory with transparent huge pages, glibc takes ~800
   faults per step instead. (Keeping the buffer instead, with one malloc arena and no mmap, made
-  tf.data 23% slower in the demo.) Does nothing off glibc, or where GLIBC_TUNABLES already sets
-  a glibc.malloc tunable (set glibc.malloc.hugetlb=0 to opt out).
+  tf.data 23% slower in the demo.) Does nothing off glibc, or where the user chose a malloc:
+  a glibc.malloc tunable (glibc.malloc.hugetlb=0 opts out), MALLOC_CONF, or an LD_PRELOAD naming
+  a malloc library (jemalloc with MALLOC_CONF=oversize_threshold:0 keeps the buffer: faster
+  still for Ti/16, at +40% peak memory; docs/performance.md).
   """
   tunables = os.environ.get("GLIBC_TUNABLES", "")
-  if sys.platform != "linux" or platform.libc_ver()[0] != "glibc" or "glibc.malloc" in tunables:
+  if (sys.platform != "linux" or platform.libc_ver()[0] != "glibc" or "glibc.malloc" in tunables
+      or "MALLOC_CONF" in os.environ or "malloc" in os.environ.get("LD_PRELOAD", "")):
     return
   env = {**os.environ, "GLIBC_TUNABLES": ":".join(filter(None, [tunables, HUGE_PAGE_MALLOC]))}
   os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

@@ -71,8 +71,11 @@ def test_entry_points_re_execute_once_with_huge_page_malloc():
   assert run(EXEC_PROBE, GLIBC_TUNABLES=None) == ["None", "glibc.malloc.hugetlb=1"]
   assert run(EXEC_PROBE, GLIBC_TUNABLES="glibc.rtld.nns=8") == [
       "glibc.rtld.nns=8", "glibc.rtld.nns=8:glibc.malloc.hugetlb=1"]
-  # A malloc tunable of the user's own: no re-execution.
+  # A malloc of the user's own choosing: no re-execution.
   assert run(EXEC_PROBE, GLIBC_TUNABLES="glibc.malloc.hugetlb=0") == ["glibc.malloc.hugetlb=0"]
+  assert run(EXEC_PROBE, GLIBC_TUNABLES=None, MALLOC_CONF="oversize_threshold:0") == ["None"]
+  # (the probe only reads LD_PRELOAD; the named library need not exist for that)
+  assert run(EXEC_PROBE, GLIBC_TUNABLES=None, LD_PRELOAD="libtcmalloc_minimal.so.4") == ["None"]
 
 
 THP = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
