@@ -21,53 +21,47 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+_HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
 _A = flags.DEFINE_string("a", None, "Root of the first tree (the baseline).")
 _B = flags.DEFINE_string("b", None, "Root of the second tree.")
 _PAIRS = flags.DEFINE_integer("pairs", 10, "Timed steps per tree (after 2 warm-up steps each).")
 
 
-def import_package(root: str):
-  """-> (step, sharding, vit) modules of the pmsn_jax under `root`, a copy of their own."""
-  for name in [m for m in sys.modules if m == "pmsn_jax" or m.startswith("pmsn_jax.")]:
+def import_tree(root: str):
+  """-> benchmarks/step_setup.py (of this tree) bound to the pmsn_jax under `root`, both
+  imported afresh: a copy of that tree's modules of its own."""
+  for name in [m for m in sys.modules
+               if m in ("pmsn_jax", "step_setup") or m.startswith("pmsn_jax.")]:
     del sys.modules[name]  # the other tree's modules stay alive through the references kept
   sys.path.insert(0, os.path.abspath(root))
   try:
-    from pmsn_jax import sharding, step  # pylint: disable=import-outside-toplevel
-    from pmsn_jax.models import vit  # pylint: disable=import-outside-toplevel
+    import step_setup  # pylint: disable=import-outside-toplevel
   finally:
     sys.path.pop(0)
-  if not os.path.abspath(step.__file__).startswith(os.path.abspath(root)):
-    raise SystemExit(f"--a/--b={root}: pmsn_jax was imported from {step.__file__} instead.")
-  return step, sharding, vit
+  if not os.path.abspath(step_setup.step.__file__).startswith(os.path.abspath(root)):
+    raise SystemExit(f"--a/--b={root}: pmsn_jax was imported from {step_setup.step.__file__} "
+                     "instead.")
+  return step_setup
 
 
-def compiled_step(root: str, config, batch_arrays):
-  """The tree's train step, compiled as train.py compiles it, with its state and batch."""
-  step, sharding, vit = import_package(root)
-  mesh = sharding.make_mesh(config.mesh)
-  batch = sharding.to_global({k: v for k, v in batch_arrays.items() if k != "prior"}, mesh)
-  batch["prior"] = step.prior_from_config(config)
-  graphdef, tx, scheds, create_state = step.build(config, vit.vit_config_from(config))
-  state = create_state()
-  fn = step.make_train_step(graphdef, tx, scheds, config)
-  compiled = jax.jit(fn, donate_argnums=0).lower(state, batch).compile()
-  return compiled, state, batch
+def compiled_step(root: str, config, host_batch):
+  """The tree's train step, built and compiled as train.py does, with its state and batch."""
+  step_setup = import_tree(root)
+  mesh = step_setup.sharding.make_mesh(config.mesh)
+  batch = step_setup.to_devices(host_batch, mesh)
+  fn, state = step_setup.build_step(config, mesh)
+  return fn.lower(state, batch).compile(), state, batch
 
 
 def main(argv):
   del argv
   config = _CONFIG.value
-  d, b = config.data, config.batch_size
-  rng = np.random.default_rng(0)
-  view = lambda *shape: rng.standard_normal((b, *shape), dtype=np.float32)  # noqa: E731
-  arrays = {"target": view(d.image_size, d.image_size, d.channels),
-            "anchor": view(d.image_size, d.image_size, d.channels),
-            "focal": view(d.num_focal, d.focal_size, d.focal_size, d.channels),
-            "label": rng.integers(0, 10, b, dtype=np.int32)}
+  b = config.batch_size
+  host_batch = import_tree(os.path.dirname(_HERE)).random_host_batch(config)  # this tree's
   runs = {}
   for name, root in (("a", _A.value), ("b", _B.value)):
-    compiled, state, batch = compiled_step(root, config, arrays)
+    compiled, state, batch = compiled_step(root, config, host_batch)
     for _ in range(2):
       state, metrics, _ = compiled(state, batch)
     jax.block_until_ready(metrics)
@@ -87,7 +81,7 @@ def main(argv):
 
 if __name__ == "__main__":
   # As `python -m pmsn_jax.main` runs: malloc setting, and Eigen's dots before JAX starts.
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  sys.path.insert(0, os.path.dirname(_HERE))
   from pmsn_jax import host_setup  # noqa: E402
   host_setup.exec_with_huge_page_malloc()
   flags.mark_flags_as_required(["config", "a", "b"])

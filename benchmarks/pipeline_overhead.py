@@ -24,9 +24,9 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+import step_setup  # noqa: E402  (benchmarks/, beside this file)
 from pmsn_jax import sharding, step, train  # noqa: E402
 from pmsn_jax.data import pipeline, sources  # noqa: E402
-from pmsn_jax.models import vit  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -44,20 +44,12 @@ def main(argv):
   batches = pipeline.train_batches(data, config.data, global_batch_size=config.batch_size,
                                    seed=config.seed,
                                    batch_class_skew=config.data.batch_class_skew)
-  vit_cfg = vit.vit_config_from(config)
-  graphdef, tx, scheds, create_state = step.build(config, vit_cfg)
-  abstract = jax.eval_shape(create_state)
-  shardings = sharding.state_shardings(abstract, mesh, config.partition_rules,
-                                       config.fsdp_min_size)
-  state = jax.jit(create_state, out_shardings=shardings)()
-  replicated = sharding.replicated(mesh)
-  train_step = jax.jit(step.make_train_step(graphdef, tx, scheds, config),  # train.py's step
-                       out_shardings=(shardings, replicated, replicated), donate_argnums=0)
-  prior = jax.device_put(step.prior_from_config(config), replicated)
+  train_step, state = step_setup.build_step(config, mesh)  # train.py's step
+  prior = jax.device_put(step.prior_from_config(config), sharding.replicated(mesh))
 
   def real_batch():  # what train.py's loop does with each pipeline batch
     batch = next(batches)
-    return dict(sharding.to_global({k: batch[k] for k in train.BATCH_KEYS}, mesh), prior=prior)
+    return dict(sharding.to_global({k: batch[k] for k in step.BATCH_KEYS}, mesh), prior=prior)
 
   cached = real_batch()
   for _ in range(3):  # compile, warm the pipeline's threads

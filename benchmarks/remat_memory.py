@@ -44,13 +44,7 @@ def compiled_memory(config):
   vit_cfg = vit.vit_config_from(config)
   graphdef, tx, scheds, create_state = step.build(config, vit_cfg)
   abstract = jax.eval_shape(create_state)
-  d, b = config.data, config.batch_size
-  view = lambda *shape: jax.ShapeDtypeStruct((b, *shape), "float32")  # noqa: E731
-  batch = {"target": view(d.image_size, d.image_size, d.channels),
-           "anchor": view(d.image_size, d.image_size, d.channels),
-           "focal": view(d.num_focal, d.focal_size, d.focal_size, d.channels),
-           "label": jax.ShapeDtypeStruct((b,), "int32"),
-           "prior": jax.ShapeDtypeStruct((config.model.num_prototypes,), "float32")}
+  batch = step.abstract_batch(config)
   train_step = jax.jit(
       step.make_train_step(graphdef, tx, scheds, config),  # train.py's step
       in_shardings=(sharding.state_shardings(abstract, mesh),

@@ -30,6 +30,7 @@ from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+import step_setup  # noqa: E402  (benchmarks/, beside this file)
 from pmsn_jax import losses, step  # noqa: E402
 from pmsn_jax.models import vit  # noqa: E402
 
@@ -57,14 +58,9 @@ def main(argv):
   vit_cfg = vit.vit_config_from(config)
   graphdef, tx, scheds, create_state = step.build(config, vit_cfg)
   state = jax.jit(create_state)()
-  prior = step.prior_from_config(config)
+  batch = jax.tree.map(jnp.asarray, step_setup.random_host_batch(config))
   d, b = config.data, config.batch_size
-  keys = iter(jax.random.split(jax.random.key(0), 8))
-  view = lambda *shape: jax.random.normal(next(keys), (b, *shape))  # noqa: E731
-  batch = {"target": view(d.image_size, d.image_size, d.channels),
-           "anchor": view(d.image_size, d.image_size, d.channels),
-           "focal": view(d.num_focal, d.focal_size, d.focal_size, d.channels),
-           "prior": jnp.asarray(prior)}
+  keys = iter(jax.random.split(jax.random.key(0), 3))
   rng = jax.random.key(1)
   loss_fn = step.make_loss_fn(graphdef, config)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -86,8 +82,9 @@ def main(argv):
       temperature=config.loss.temperature, target_temperature=config.loss.target_temperature,
       sinkhorn_iters=config.loss.sinkhorn_iters, sinkhorn_marginal=config.loss.sinkhorn_marginal,
       reg_weight=config.loss.reg_weight, kl_direction=config.loss.kl_direction)
-  loss_grad = jax.grad(lambda a, p: losses.pmsn_loss(a, targets, p, prior, **loss_kwargs)[0],
-                       argnums=(0, 1))
+  loss_grad = jax.grad(
+      lambda a, p: losses.pmsn_loss(a, targets, p, batch["prior"], **loss_kwargs)[0],
+      argnums=(0, 1))
 
   def optimizer(grads, opt_state, params):
     updates, opt_state = tx.update(grads, opt_state, params)

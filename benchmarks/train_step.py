@@ -14,7 +14,6 @@ The last line is machine-readable:
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import time
@@ -22,13 +21,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from pmsn_jax import host_setup, sharding, step  # noqa: E402
-from pmsn_jax.models import vit  # noqa: E402
+import step_setup  # noqa: E402  (benchmarks/, beside this file)
+from pmsn_jax import host_setup, sharding  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after 2 warm-up steps).")
@@ -54,43 +51,16 @@ def matmul_peak_gflops(dtype="float32", reps: int = 10) -> float:
   return 2 * n ** 3 / best / 1e9
 
 
-def synthetic_batch(config, mesh) -> dict[str, jax.Array]:
-  """A global batch as train.py feeds the step: views and labels split over the batch axes,
-  the cluster prior replicated."""
-  d, b = config.data, config.batch_size
-  rng = np.random.default_rng(0)
-  view = lambda *shape: rng.standard_normal((b, *shape), dtype=np.float32)  # noqa: E731
-  batch = sharding.to_global({"target": view(d.image_size, d.image_size, d.channels),
-                              "anchor": view(d.image_size, d.image_size, d.channels),
-                              "focal": view(d.num_focal, d.focal_size, d.focal_size, d.channels),
-                              "label": rng.integers(0, 10, b, dtype=np.int32)}, mesh)
-  batch["prior"] = jax.device_put(step.prior_from_config(config), sharding.replicated(mesh))
-  return batch
-
-
-def build_step(config, mesh, vit_cfg):
-  graphdef, tx, scheds, create_state = step.build(config, vit_cfg)
-  abstract = jax.eval_shape(create_state)
-  shardings = sharding.state_shardings(abstract, mesh, config.partition_rules,
-                                       config.fsdp_min_size)  # as train.py shards it
-  state = jax.jit(create_state, out_shardings=shardings)()
-  replicated = sharding.replicated(mesh)
-  fn = jax.jit(step.make_train_step(graphdef, tx, scheds, config),  # train.py's step
-               out_shardings=(shardings, replicated, replicated), donate_argnums=0)
-  return fn, state
-
-
 def main(argv):
   del argv
   config = _CONFIG.value
   mesh = sharding.make_mesh(config.mesh)
-  batch = synthetic_batch(config, mesh)
-  vit_cfg = vit.vit_config_from(config)
+  batch = step_setup.to_devices(step_setup.random_host_batch(config), mesh)
 
   gflops_per_img = _GFLOPS.value
-  if not gflops_per_img:  # FLOPs from an unrolled lowering (no compile needed).
-    unrolled_fn, unrolled_state = build_step(
-        config, mesh, dataclasses.replace(vit_cfg, scan_unroll=vit_cfg.depth, remat=False))
+  if not gflops_per_img:  # FLOPs from the lowering (no compile needed).
+    unrolled_fn, unrolled_state = step_setup.build_step(
+        config, mesh, for_flop_count=True)
     analysis = unrolled_fn.lower(unrolled_state, batch).cost_analysis()
     if not analysis:
       raise SystemExit(f"{jax.default_backend()} gives no cost analysis of a lowering: pass "
@@ -98,7 +68,7 @@ def main(argv):
     gflops_per_img = analysis["flops"] / config.batch_size / 1e9
     del unrolled_fn, unrolled_state
 
-  fn, state = build_step(config, mesh, vit_cfg)
+  fn, state = step_setup.build_step(config, mesh)
   t = time.perf_counter()
   compiled = fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - t

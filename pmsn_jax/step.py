@@ -107,6 +107,25 @@ def prior_from_config(config) -> np.ndarray:
   return prior
 
 
+# What the step takes from each pipeline batch; "label" only feeds the diagnostics.
+BATCH_KEYS = ("target", "anchor", "focal", "label")
+
+
+def abstract_batch(config, batch_sharding=None, prior_sharding=None
+                   ) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes of the global batch the step is compiled for: the pipeline's BATCH_KEYS, and the
+  cluster prior [K], replicated (an input, so that prior = "fit" can change its value)."""
+  d, b = config.data, config.batch_size
+  view = lambda *shape: jax.ShapeDtypeStruct((b, *shape), np.float32,  # noqa: E731
+                                             sharding=batch_sharding)
+  return {"target": view(d.image_size, d.image_size, d.channels),
+          "anchor": view(d.image_size, d.image_size, d.channels),
+          "focal": view(d.num_focal, d.focal_size, d.focal_size, d.channels),
+          "label": jax.ShapeDtypeStruct((b,), np.int32, sharding=batch_sharding),
+          "prior": jax.ShapeDtypeStruct((config.model.num_prototypes,), np.float32,
+                                        sharding=prior_sharding)}
+
+
 def make_loss_fn(graphdef, config):
   """-> loss_fn(params, target, batch_stats, batch, rng)
         -> (loss, (metrics, batch_stats, aux)).

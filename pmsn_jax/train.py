@@ -202,7 +202,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
 
   # ------------------------------------------------ the step, compiled once, up front
   compile_start = time.perf_counter()
-  abstract_inputs = abstract_batch(config, batch_sharding, replicated)
+  abstract_inputs = step.abstract_batch(config, batch_sharding, replicated)
   train_step = jax.jit(
       step.make_train_step(graphdef, tx, scheds, config),
       in_shardings=(state_shardings, {k: v.sharding for k, v in abstract_inputs.items()}),
@@ -232,7 +232,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     for current in range(start_step + 1, config.total_steps + 1):
       batch = next(batches)
       skipped_images += int(batch["skipped"].sum())
-      batch = sharding.to_global({k: batch[k] for k in BATCH_KEYS}, mesh)
+      batch = sharding.to_global({k: batch[k] for k in step.BATCH_KEYS}, mesh)
       batch["prior"] = prior  # already on the devices: no transfer
       state, step_metrics, step_aux = train_step(state, batch)
 
@@ -311,24 +311,6 @@ def peak_rss_mib() -> float:
   """High-water mark of this process's resident memory (Linux reports KiB, macOS bytes)."""
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   return peak / 2 ** 20 if os.uname().sysname == "Darwin" else peak / 2 ** 10
-
-
-# What the step takes from each pipeline batch; "label" only feeds the diagnostics.
-BATCH_KEYS = ("target", "anchor", "focal", "label")
-
-
-def abstract_batch(config, batch_sharding, prior_sharding) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shapes of the global batch the step is compiled for: the pipeline's BATCH_KEYS, and the
-  cluster prior [K], replicated (an input, so that prior = "fit" can change its value)."""
-  d, b = config.data, config.batch_size
-  view = lambda *shape: jax.ShapeDtypeStruct((b, *shape), np.float32,  # noqa: E731
-                                             sharding=batch_sharding)
-  return {"target": view(d.image_size, d.image_size, d.channels),
-          "anchor": view(d.image_size, d.image_size, d.channels),
-          "focal": view(d.num_focal, d.focal_size, d.focal_size, d.channels),
-          "label": jax.ShapeDtypeStruct((b,), np.int32, sharding=batch_sharding),
-          "prior": jax.ShapeDtypeStruct((config.model.num_prototypes,), np.float32,
-                                        sharding=prior_sharding)}
 
 
 def compiled_summary(compiled) -> str:

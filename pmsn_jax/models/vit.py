@@ -279,7 +279,7 @@ class ViT(nnx.Module):
       x = run_blocks(x, nnx.merge(graphdef, jax.tree.map(lambda a: a[:-1], stacked)))
     last = nnx.merge(graphdef, jax.tree.map(lambda a: a[-1], stacked))
     cls = self.norm(apply_block(last, x, True))
-    return jnp.split(cls, np.cumsum([b for b, _ in shapes])[:-1])
+    return _split_groups(cls, [(b, 1) for b, _ in shapes])
 
   def __call__(self, images: jax.Array, *, mask_ratio: float = 0.0,
                rng: jax.Array | None = None, features: str = "cls") -> jax.Array:
