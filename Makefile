@@ -37,7 +37,7 @@ smoke: setup data
 	$(PY) -m pmsn_jax.main --config=configs/demo.py:smoke --workdir=workdirs/smoke
 
 test: setup data
-	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 tests
 
 bench: setup data
 	$(PY) benchmarks/train_step.py --config=configs/demo.py
