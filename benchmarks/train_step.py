@@ -59,8 +59,7 @@ def main(argv):
 
   gflops_per_img = _GFLOPS.value
   if not gflops_per_img:  # FLOPs from the lowering (no compile needed).
-    unrolled_fn, unrolled_state = step_setup.build_step(
-        config, mesh, for_flop_count=True)
+    unrolled_fn, unrolled_state = step_setup.build_step(config, mesh, for_flop_count=True)
     analysis = unrolled_fn.lower(unrolled_state, batch).cost_analysis()
     if not analysis:
       raise SystemExit(f"{jax.default_backend()} gives no cost analysis of a lowering: pass "
