@@ -39,7 +39,9 @@ def products(framework: str, m: int, k: int, n: int):
   """-> {name: zero-argument callable} of the three products of an [m,k]·[k,n] dense layer,
   and the function that waits for a result."""
   if framework == "jax":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:  # called once per layer: put the repository on the path once
+      sys.path.insert(0, root)
     import pmsn_jax  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
     import jax  # pylint: disable=import-outside-toplevel
     keys = jax.random.split(jax.random.key(0), 3)

@@ -1,5 +1,5 @@
 """The train step as train.py builds it, and a random batch of its inputs: what the step
-benchmarks (train_step.py, pipeline_overhead.py, ab_trees.py) time.
+benchmarks (train_step.py, pipeline_overhead.py, ab_trees.py; step_breakdown.py's batch) time.
 
 ab_trees.py imports this module afresh for each source tree it compares, with that tree's
 `pmsn_jax` first on the path, so `build_step` builds that tree's step. `to_devices` and
