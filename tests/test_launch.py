@@ -3,8 +3,10 @@
 Both run with --dry-run under a PATH holding nothing but tripwires named gcloud, srun, sbatch and
 python, which record any call: the printed commands are checked word by word (each line parsed
 back with shlex, the ssh --command script a second time), and nothing may have run. The scripts
-that `tpu_vm.sh` sends to the workers (setup, run, stop, status) are then run here, by bash and
-by a POSIX sh, in a scratch home directory against a stub trainer and stub build tools.
+that `tpu_vm.sh` sends to the workers (setup, preflight, run, stop, status, watch's probe) are
+then run here, by bash and by a POSIX sh, in a scratch home directory against a stub trainer and
+stub build tools. `tpu_vm.sh`'s own loops (queued-resource wait, pre-flight, watch) run against a
+fake gcloud that records its arguments and answers describe and watch's probe from a script.
 """
 from __future__ import annotations
 
@@ -54,14 +56,18 @@ def _run(script, *args, path, env=None, cwd=None):
                         timeout=30, check=False)
 
 
-def _dry_run(script, *args, tripwire, env=None):
-  """--dry-run: returns the printed commands, each split back into words; nothing may run."""
+def _dry_run(script, *args, tripwire, env=None, comments=False):
+  """--dry-run: returns the printed commands, each split back into words; nothing may run.
+  Lines starting with "#" (when the next commands run) are left out unless `comments`."""
   bin_dir, record = tripwire
   result = _run(script, "--dry-run", *args, path=bin_dir, env=env)  # before any "--"
   assert result.returncode == 0, result.stderr
   assert result.stderr == ""
   assert not record.exists(), f"dry run executed: {record.read_text()}"
-  return [shlex.split(line) for line in result.stdout.splitlines()]
+  lines = result.stdout.splitlines()
+  if comments:
+    return lines
+  return [shlex.split(line) for line in lines if not line.startswith("#")]
 
 
 def _remote(words):
@@ -101,7 +107,7 @@ def test_create(tripwire, flag):
 def test_ssh_subcommands_reach_every_worker(tripwire, subcommand):
   lines = _dry_run(TPU_VM, subcommand, *TPU, "--repo=https://example.com/pmsn_jax.git",
                    f"--config={CONFIG}", f"--workdir={WORKDIR}", "--ssh-arg=--internal-ip",
-                   tripwire=tripwire)
+                   "--accelerator-type=v4-32", tripwire=tripwire)
   ssh = lines[-1]
   assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-tpu"]
   assert "--worker=all" in ssh and "--zone=us-central2-b" in ssh and "--internal-ip" in ssh
@@ -122,15 +128,109 @@ def test_setup_commands(tripwire):
 
 
 def test_run_quotes_workdir_and_extra_args(tripwire):
-  [ssh] = _dry_run(TPU_VM, "run", *TPU, f"--config={CONFIG}", f"--workdir={WORKDIR}", "--",
-                   EXTRA, "--config.batch_size=1024", tripwire=tripwire)
+  [ssh] = _dry_run(TPU_VM, "run", *TPU, f"--config={CONFIG}", f"--workdir={WORKDIR}",
+                   "--skip-preflight", "--", EXTRA, "--config.batch_size=1024",
+                   tripwire=tripwire)
   _, words = _remote(ssh)
   start = words.index("nohup")
-  assert words[start:start + 13] == [
+  assert words[start:start + 12] == [
       "nohup", ".venv/bin/python", "-u", "-m", "pmsn_jax.main", f"--config={CONFIG}",
-      f"--workdir={WORKDIR}", EXTRA, "--config.batch_size=1024", ">>", "$HOME/pmsn_run.log",
-      "2", ">&"]
-  assert _contains(words, ["&", "echo", "$!", ">", "$HOME/pmsn_run.pid"])
+      f"--workdir={WORKDIR}", EXTRA, "--config.batch_size=1024", "<", "/dev/null", "&"]
+  # A subshell waits for training, records its exit status, and sends all output to the log.
+  assert _contains(words, ["&", "echo", "$!", ">", "$HOME/pmsn_run.pid", ";", "wait", "$!", ";",
+                           "echo", "$?", ">", "$HOME/pmsn_run.exit", ")", ">>",
+                           "$HOME/pmsn_run.log"])
+
+
+def _kind(words):
+  """What a gcloud command line does: create, describe, delete (qr-... for a queued resource),
+  or for ssh which worker script it sends: setup, preflight, run, stop, status or probe."""
+  assert words[:3] == ["gcloud", "compute", "tpus"], words
+  if words[4] != "ssh":
+    return ("qr-" if words[3] == "queued-resources" else "") + words[4]
+  command, _ = _remote(words)
+  for marker, kind in (("pmsn_jax.aot", "preflight"), ("pmsn-training:", "probe"),
+                       ("make setup", "setup"), ("nohup", "run"), ("kill -TERM", "stop")):
+    if marker in command:
+      return kind
+  return "status"
+
+
+def _aot_words(ssh):
+  _, words = _remote(ssh)
+  start = words.index(".venv/bin/python")
+  return words[start:]
+
+
+@pytest.mark.parametrize("accelerator_type, topology", [
+    ("v4-8", "v4:2x2x1"), ("v4-32", "v4:2x2x4"), ("v4-128", "v4:4x4x4"),
+    ("v5litepod-4", "v5e:2x2"), ("v5litepod-8", "v5e:2x4"), ("v5litepod-16", "v5e:4x4"),
+    ("v5litepod-256", "v5e:16x16"), ("v5p-8", "v5p:2x2x1"), ("v5p-32", "v5p:2x2x4"),
+    ("v6e-16", "v6e:4x4")])
+def test_run_preflight_then_training(tripwire, accelerator_type, topology):
+  preflight, run = _dry_run(TPU_VM, "run", *TPU, f"--accelerator-type={accelerator_type}",
+                            f"--config={CONFIG}", f"--workdir={WORKDIR}", "--", EXTRA,
+                            "--config.batch_size=1024", "--allow_config_change",
+                            "--config.seed", "3", tripwire=tripwire)
+  assert "--worker=0" in preflight and "--worker=all" in run
+  assert (_kind(preflight), _kind(run)) == ("preflight", "run")
+  # The config and its --config.* overrides, not the other training flags.
+  assert _aot_words(preflight) == [
+      ".venv/bin/python", "-m", "pmsn_jax.aot", f"--config={CONFIG}", f"--topology={topology}",
+      EXTRA, "--config.batch_size=1024", "--config.seed", "3"]
+  command, words = _remote(preflight)
+  assert command.startswith("cd pmsn_jax ||")
+
+
+def test_topology_flag_overrides_accelerator_type(tripwire):
+  [preflight] = _dry_run(TPU_VM, "preflight", *TPU, "--accelerator-type=v3-8",
+                         "--topology=v4:4x4x8", f"--config={CONFIG}", tripwire=tripwire)
+  assert _aot_words(preflight) == [".venv/bin/python", "-m", "pmsn_jax.aot",
+                                   f"--config={CONFIG}", "--topology=v4:4x4x8"]
+
+
+@pytest.mark.parametrize("flag", ["--spot", "--reserved", None])
+def test_create_queued(tripwire, flag):
+  lines = _dry_run(TPU_VM, "create", "--queued", *TPU, "--project=my project",
+                   "--accelerator-type=v5litepod-16", "--version=v2-alpha-tpuv5-lite",
+                   *([flag] if flag else []), tripwire=tripwire, comments=True)
+  create, comment, describe = lines
+  location = ["--zone=us-central2-b", "--project=my project"]
+  assert shlex.split(create) == [
+      "gcloud", "compute", "tpus", "queued-resources", "create", "my-tpu", *location,
+      "--node-id=my-tpu", "--accelerator-type=v5litepod-16",
+      "--runtime-version=v2-alpha-tpuv5-lite", *([flag] if flag else [])]
+  assert comment.startswith("# every 60 s until ACTIVE")
+  assert shlex.split(describe) == ["gcloud", "compute", "tpus", "queued-resources", "describe",
+                                   "my-tpu", *location, "--format=value(state.state)"]
+
+
+def test_delete_and_status_queued(tripwire):
+  [delete] = _dry_run(TPU_VM, "delete", "--queued", *TPU, tripwire=tripwire)
+  assert delete == ["gcloud", "compute", "tpus", "queued-resources", "delete", "my-tpu",
+                    "--zone=us-central2-b", "--force", "--quiet"]
+  lines = _dry_run(TPU_VM, "status", "--queued", *TPU, tripwire=tripwire)
+  assert [_kind(words) for words in lines] == ["qr-describe", "describe", "status"]
+
+
+@pytest.mark.parametrize("queued", [False, True])
+def test_watch_dry_run_shows_every_step(tripwire, queued):
+  args = ["watch", *TPU, "--accelerator-type=v4-32", "--spot", "--repo=https://example.com/r.git",
+          f"--config={CONFIG}", f"--workdir={WORKDIR}", "--max-restarts=3",
+          *(["--queued"] if queued else []), "--", "--config.batch_size=1024"]
+  lines = _dry_run(TPU_VM, *args, tripwire=tripwire)
+  qr = "qr-" if queued else ""
+  wait = [f"{qr}describe"] if queued else []  # polled until ACTIVE
+  assert [_kind(words) for words in lines] == [
+      f"{qr}describe", f"{qr}delete", f"{qr}create", *wait, "setup", "preflight", "run",
+      f"{qr}describe", "probe",  # the poll
+      f"{qr}delete", f"{qr}create", *wait, "setup", "run",  # after a preemption
+      "stop", "run"]  # after a failure on a live slice
+  assert "--topology=v4:2x2x4" in _aot_words(lines[4 + len(wait)])
+  text = "\n".join(_dry_run(TPU_VM, *args, tripwire=tripwire, comments=True))
+  assert "at most 3 restarts" in text
+  # watch's stop ends what SIGTERM does not end within --wait.
+  assert "kill -KILL" in _remote(lines[-2])[0]
 
 
 @pytest.mark.parametrize("extra, worker, lines", [([], "0", "100"),
@@ -175,6 +275,22 @@ def test_delete_without_terminal_needs_yes(tripwire):
     ["logs", *TPU, "--bogus"],
     ["logs", *TPU, "--name"],  # no value
     ["logs", "stop", *TPU],
+    ["run", *TPU, f"--config={CONFIG}", f"--workdir={WORKDIR}"],  # no type/topology/skip
+    ["run", *TPU, f"--config={CONFIG}", f"--workdir={WORKDIR}", "--accelerator-type=v3-8"],
+    ["run", *TPU, f"--config={CONFIG}", f"--workdir={WORKDIR}", "--accelerator-type=v4-24"],
+    ["preflight", *TPU, f"--config={CONFIG}", "--topology=2x2x4"],
+    ["preflight", *TPU, "--accelerator-type=v4-32"],  # no --config
+    ["create", *TPU, "--accelerator-type=v4-32", "--queued", "--preemptible"],
+    ["create", *TPU, "--accelerator-type=v4-32", "--spot", "--reserved"],
+    ["watch", *TPU, "--accelerator-type=v4-32", f"--config={CONFIG}", f"--workdir={WORKDIR}"],
+    ["watch", *TPU, "--repo=r", f"--config={CONFIG}", f"--workdir={WORKDIR}"],  # no type
+    ["watch", *TPU, "--accelerator-type=v4-32", "--repo=r", f"--config={CONFIG}",
+     "--workdir=/local/dir"],
+    ["watch", *TPU, "--max-restarts=many"],
+    ["watch", *TPU, "--poll=-1"],
+    ["create", *TPU, "--queue-timeout=1h"],
+    ["create", *TPU, "--queued"],  # no --accelerator-type
+    ["logs", *TPU, "--queued=yes"],  # a flag without a value
 ])
 def test_tpu_usage_errors(tripwire, args):
   bin_dir, record = tripwire
@@ -185,13 +301,16 @@ def test_tpu_usage_errors(tripwire, args):
 def test_tpu_without_gcloud(tmp_path):
   empty = tmp_path / "empty"
   empty.mkdir()
-  for subcommand in ("create", "setup", "run", "logs", "stop", "status", "delete"):
+  for subcommand in ("create", "setup", "preflight", "run", "watch", "logs", "stop", "status",
+                     "delete"):
     result = _run(TPU_VM, subcommand, *TPU, "--accelerator-type=v4-32", "--repo=r",
                   f"--config={CONFIG}", f"--workdir={WORKDIR}", "--dry-run", path=empty)
     assert result.returncode == 0 and "gcloud" in result.stdout, result.stderr
-  result = _run(TPU_VM, "logs", *TPU, path=empty)  # a real run says what is missing
-  assert result.returncode == 2 and "gcloud not found" in result.stderr
-  assert len(result.stderr.splitlines()) == 1
+  for args in (["logs", *TPU], ["watch", *TPU, "--accelerator-type=v4-32", "--repo=r",
+                                 f"--config={CONFIG}", f"--workdir={WORKDIR}"]):
+    result = _run(TPU_VM, *args, path=empty)  # a real run says what is missing
+    assert result.returncode == 2 and "gcloud not found" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
 
 
 def test_help(tmp_path):
@@ -289,7 +408,185 @@ def test_scripts_parse_and_lint():
     assert os.access(script, os.X_OK)
   if shutil.which("shellcheck") is None:
     pytest.skip("shellcheck not installed")
-  subprocess.run(["shellcheck", str(TPU_VM), str(GPU)], check=True)
+  # -x from the repository root follows `source launch/lib.sh`; info-level notes are not failures.
+  subprocess.run(["shellcheck", "-x", "--severity=warning", str(TPU_VM), str(GPU)], check=True,
+                 cwd=ROOT)
+
+
+# ------------------------------------------ tpu_vm.sh's own loops, against a fake gcloud
+
+WATCH = ["--accelerator-type=v4-32", "--repo=https://example.com/r.git", f"--config={CONFIG}",
+         f"--workdir={WORKDIR}", "--poll=0"]
+AOT_MESSAGE = "pmsn_jax.aot: needs 21.3 GiB of 16 GiB HBM per chip; lower batch_size"
+
+# Records each call (one line, words quoted for bash); `describe` answers the next line of
+# $FAKE/states (the last one repeats; ABSENT: NOT_FOUND), watch's probe the next line of
+# $FAKE/training (ssh-fails: exit 255), the pre-flight exits with the status in $FAKE/aot_status.
+FAKE_GCLOUD = r"""
+printf '%q ' "$@" >> "$FAKE/calls"; echo >> "$FAKE/calls"
+next_line() {
+  first=$(head -n 1 "$FAKE/$1")
+  if [ "$(wc -l < "$FAKE/$1")" -gt 1 ]; then tail -n +2 "$FAKE/$1" > "$FAKE/$1.rest"; mv "$FAKE/$1.rest" "$FAKE/$1"; fi
+  printf '%s
+' "$first"
+}
+case $4 in
+  describe)
+    state=$(next_line states)
+    if [ "$state" = ABSENT ]; then
+      echo "ERROR: (gcloud.compute.tpus.$3.describe) NOT_FOUND: Resource '$5' was not found" >&2
+      exit 1
+    fi
+    echo "SSH: a warning on stderr" >&2
+    echo "$state" ;;
+  ssh)
+    case "$*" in
+      *pmsn_jax.aot*)
+        status=$(cat "$FAKE/aot_status" 2>/dev/null || echo 0)
+        [ "$status" = 0 ] || echo "AOT_MESSAGE" >&2
+        exit "$status" ;;
+      *pmsn-training:*)
+        echo "SSH: Attempting to connect to worker 0..." >&2
+        answer=$(next_line training)
+        if [ "$answer" = ssh-fails ]; then echo "ssh: connect to host 10.0.0.2: timed out" >&2; exit 255; fi
+        echo "pmsn-training: $answer" ;;
+    esac ;;
+esac
+""".replace("AOT_MESSAGE", AOT_MESSAGE)
+
+
+@pytest.fixture
+def fake_gcloud(tmp_path):
+  """Returns run(*args, states=[...], training=[...], aot_status=0) -> (result, kinds of the
+  gcloud calls made)."""
+  bin_dir = tmp_path / "fake_bin"
+  bin_dir.mkdir()
+  _write_script(bin_dir / "gcloud", FAKE_GCLOUD)
+  fake = tmp_path / "fake"
+  fake.mkdir()
+
+  def run(*args, states=("READY",), training=("running",), aot_status=0):
+    (fake / "states").write_text("".join(f"{s}\n" for s in states))
+    (fake / "training").write_text("".join(f"{t}\n" for t in training))
+    (fake / "aot_status").write_text(f"{aot_status}\n")
+    (fake / "calls").write_text("")
+    result = _run(TPU_VM, *args, path=f"{bin_dir}:/usr/bin:/bin", env={"FAKE": str(fake)})
+    calls = [["gcloud", *shlex.split(line)] for line in (fake / "calls").read_text().splitlines()]
+    return result, [_kind(words) for words in calls]
+
+  return run
+
+
+@pytest.mark.parametrize("status, message", [(3, "does not fit per-chip HBM on v4:2x2x4"),
+                                             (2, "rejected its input")])
+def test_failed_preflight_stops_before_training(fake_gcloud, status, message):
+  result, calls = fake_gcloud("run", *TPU, *WATCH, aot_status=status)
+  assert result.returncode == status
+  assert calls == ["preflight"]
+  last, = result.stderr.splitlines()[-1:]
+  assert AOT_MESSAGE in result.stderr and message in last and "training not started" in last
+  result, calls = fake_gcloud("watch", *TPU, *WATCH, states=["ABSENT", "READY"],
+                              aot_status=status)
+  assert result.returncode == status
+  assert calls == ["describe", "create", "describe", "setup", "preflight"]
+
+
+def test_skip_preflight(fake_gcloud):
+  result, calls = fake_gcloud("run", *TPU, f"--config={CONFIG}", f"--workdir={WORKDIR}",
+                              "--skip-preflight", aot_status=3)
+  assert result.returncode == 0, result.stderr
+  assert calls == ["run"]
+
+
+def test_queued_create_waits_until_active(fake_gcloud):
+  args = ["create", "--queued", "--spot", *TPU, "--accelerator-type=v4-32", "--poll=0"]
+  result, calls = fake_gcloud(*args, states=["ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING",
+                                             "ACTIVE"])
+  assert result.returncode == 0, result.stderr
+  assert calls == ["qr-create"] + ["qr-describe"] * 4
+  assert "is ACTIVE" in result.stderr.splitlines()[-1]
+  for state in ("FAILED", "SUSPENDED"):
+    result, calls = fake_gcloud(*args, states=["ACCEPTED", state])
+    assert result.returncode == 1 and calls == ["qr-create", "qr-describe", "qr-describe"]
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("tpu_vm.sh: error: queued resource my-tpu is " + state), last
+
+
+def test_queued_create_times_out(fake_gcloud):
+  result, _ = fake_gcloud("create", "--queued", *TPU, "--accelerator-type=v4-32", "--poll=1",
+                          "--queue-timeout=1", states=["WAITING_FOR_RESOURCES"])
+  assert result.returncode == 1
+  assert "still WAITING_FOR_RESOURCES after 1 s; it stays queued" in result.stderr
+
+
+def test_watch_recreates_after_preemption_and_stops_on_success(fake_gcloud):
+  states = ["ABSENT", "READY",  # created
+            "READY", "PREEMPTED",  # polls: training runs, then the slice is gone
+            "PREEMPTED", "READY",  # deleted and created again
+            "READY", "READY"]  # polls
+  result, calls = fake_gcloud("watch", *TPU, *WATCH, "--spot", states=states,
+                              training=["running", "running", "exited 0"])
+  assert result.returncode == 0, result.stderr
+  assert calls == ["describe", "create", "describe", "setup", "preflight", "run",
+                   "describe", "probe", "describe",
+                   "describe", "delete", "create", "describe", "setup", "run",
+                   "describe", "probe", "describe", "probe"]
+  assert "training finished (exit status 0) after 1 restarts" in result.stderr
+
+
+def test_watch_queued_recreates_after_suspension(fake_gcloud):
+  states = ["ACTIVE",  # there already, training not running: set up and run
+            "SUSPENDING", "SUSPENDING", "SUSPENDED",  # preempted
+            "WAITING_FOR_RESOURCES", "ACTIVE",  # queued again
+            "ACTIVE", "ACTIVE"]
+  result, calls = fake_gcloud("watch", "--queued", "--spot", *TPU, *WATCH,
+                              "--delete-when-done", states=states,
+                              training=["exited 143", "exited 0"])
+  assert result.returncode == 0, result.stderr
+  assert calls == ["qr-describe", "probe", "stop", "setup", "preflight", "run",
+                   "qr-describe",  # SUSPENDING: lost
+                   "qr-describe", "qr-describe", "qr-delete", "qr-create", "qr-describe",
+                   "qr-describe", "qr-describe", "setup", "run",
+                   "qr-describe", "probe", "qr-delete"]
+
+
+def test_watch_queued_suspended_while_waiting_is_a_restart(fake_gcloud):
+  # create --queued fails on SUSPENDED; watch counts it as a lost slice and queues again.
+  states = ["ABSENT", "ACCEPTED", "SUSPENDED", "SUSPENDED", "SUSPENDED", "ACTIVE"]
+  result, calls = fake_gcloud("watch", "--queued", *TPU, *WATCH, "--max-restarts=1",
+                              states=states, training=["exited 0"])
+  assert result.returncode == 0, result.stderr
+  assert calls == ["qr-describe", "qr-create", "qr-describe", "qr-describe", "qr-describe",
+                   "qr-describe", "qr-delete", "qr-create", "qr-describe", "qr-describe",
+                   "setup", "preflight", "run", "qr-describe", "probe"]
+  assert "lost again right after it was created: restart 1 of 1" in result.stderr
+
+
+def test_watch_restarts_on_a_live_slice_and_attaches(fake_gcloud):
+  # Training already runs: only watched. It fails (not a preemption): stop leftovers, run again.
+  result, calls = fake_gcloud("watch", *TPU, *WATCH, states=["READY"],
+                              training=["running", "running", "exited 1", "running", "exited 0"])
+  assert result.returncode == 0, result.stderr
+  assert calls == ["describe", "probe", "describe", "probe", "describe", "probe",
+                   "describe", "stop", "run", "describe", "probe", "describe", "probe"]
+  assert "already runs on my-tpu: watching it" in result.stderr
+
+
+@pytest.mark.parametrize("training, restarts, runs, message", [
+    (["running", "exited 2"], 5, 0, "user error (exit status 2"),
+    (["running", "ssh-fails"], 5, 0, "could not read training's state on worker 0 of my-tpu 10 "
+                                     "times in a row; it may still run"),
+    (["running", "gone", "gone", "gone"], 2, 2, "training is gone from worker 0 without an exit "
+                                                "status; giving up after 2 restarts"),
+])
+def test_watch_gives_up(fake_gcloud, training, restarts, runs, message):
+  # The first probe finds training running (watch attaches), the next ones end it.
+  result, calls = fake_gcloud("watch", *TPU, *WATCH, f"--max-restarts={restarts}",
+                              states=["READY"], training=training)
+  assert result.returncode == 1
+  assert message in result.stderr.splitlines()[-1]
+  assert calls.count("run") == calls.count("stop") == runs
+  assert "preflight" not in calls
 
 
 # ------------------------------------------------ the worker scripts, run here on stubs
@@ -311,11 +608,17 @@ def _worker_shell(shell, script, home, path_prefix=None):
 
 @pytest.fixture
 def worker_home(tmp_path):
-  """A home directory with a checkout whose .venv/bin/python is a stub trainer; kills it after."""
+  """A home directory with a checkout whose .venv/bin/python is a stub trainer (exit status on
+  SIGTERM from ~/term_status, default 0) or, for pmsn_jax.aot, a stub pre-flight (exit status
+  from ~/aot_status, default 0); kills the trainer after."""
   home = tmp_path / "home"
   venv_bin = home / "pmsn_jax" / ".venv" / "bin"
   venv_bin.mkdir(parents=True)
-  _write_script(venv_bin / "python", """trap 'echo "stub: SIGTERM"; exit 0' TERM
+  _write_script(venv_bin / "python", """case " $* " in *" pmsn_jax.aot "*)
+  for arg; do echo "aot arg: $arg"; done
+  exit "$(cat "$HOME/aot_status" 2>/dev/null || echo 0)";;
+esac
+trap 'echo "stub: SIGTERM"; exit "$(cat "$HOME/term_status" 2>/dev/null || echo 0)"' TERM
 for arg; do echo "stub arg: $arg"; done
 while :; do sleep 0.05; done
 """)
@@ -332,9 +635,12 @@ while :; do sleep 0.05; done
 @pytest.mark.parametrize("shell", SHELLS)
 def test_worker_run_status_stop(tripwire, worker_home, shell):
   run = _tpu_remote_script(tripwire, "run", *TPU, f"--config={CONFIG}", f"--workdir={WORKDIR}",
-                           "--", EXTRA)
+                           "--accelerator-type=v4-32", "--", EXTRA)
   status = _tpu_remote_script(tripwire, "status", *TPU)
   stop = _tpu_remote_script(tripwire, "stop", *TPU, "--wait=5")
+  [probe] = [words for words in _dry_run(TPU_VM, "watch", *TPU, *WATCH, tripwire=tripwire)
+             if _kind(words) == "probe"]
+  probe = _remote(probe)[0]
   log = worker_home / "pmsn_run.log"
 
   started = _worker_shell(shell, run, worker_home)
@@ -350,12 +656,34 @@ def test_worker_run_status_stop(tripwire, worker_home, shell):
   again = _worker_shell(shell, run, worker_home)
   assert again.returncode == 1 and "already runs" in again.stderr
   assert "training runs" in _worker_shell(shell, status, worker_home).stdout
+  assert _worker_shell(shell, probe, worker_home).stdout == "pmsn-training: running\n"
 
+  (worker_home / "term_status").write_text("143\n")
   stopped = _worker_shell(shell, stop, worker_home)
   assert stopped.returncode == 0 and "training exited" in stopped.stdout, stopped.stderr
   assert "stub: SIGTERM" in log.read_text()
-  assert "no training running" in _worker_shell(shell, status, worker_home).stdout
+  deadline = time.monotonic() + 5  # the waiting subshell writes the exit status
+  while not (worker_home / "pmsn_run.exit").exists() and time.monotonic() < deadline:
+    time.sleep(0.05)
+  assert (worker_home / "pmsn_run.exit").read_text() == "143\n"
+  assert "the last run exited with status 143" in _worker_shell(shell, status,
+                                                                 worker_home).stdout
+  assert _worker_shell(shell, probe, worker_home).stdout == "pmsn-training: exited 143\n"
   assert "no training running" in _worker_shell(shell, stop, worker_home).stdout
+
+
+@pytest.mark.skipif(shutil.which("ps") is None, reason="needs ps")
+@pytest.mark.parametrize("shell", SHELLS)
+def test_worker_preflight(tripwire, worker_home, shell):
+  preflight = _tpu_remote_script(tripwire, "preflight", *TPU, "--accelerator-type=v5litepod-16",
+                                 f"--config={CONFIG}", "--", EXTRA, "--allow_config_change")
+  result = _worker_shell(shell, preflight, worker_home)
+  assert result.returncode == 0, result.stderr
+  assert [line.removeprefix("aot arg: ") for line in result.stdout.splitlines()
+          if line.startswith("aot arg: ")] == [
+              "-m", "pmsn_jax.aot", f"--config={CONFIG}", "--topology=v5e:4x4", EXTRA]
+  (worker_home / "aot_status").write_text("3\n")
+  assert _worker_shell(shell, preflight, worker_home).returncode == 3
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
