@@ -15,14 +15,18 @@ def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.batch_size = 1024            # global, across all devices and hosts
-  # Matmul dtype: "bfloat16" on TPU/GPU (params, optimizer, loss and Sinkhorn stay float32);
-  # it gains nothing on AVX2 CPUs (docs/performance.md).
-  c.compute_dtype = "float32"
+  # Matmul dtype: "auto" = bfloat16 on TPU/GPU (params, optimizer, loss and Sinkhorn stay
+  # float32), float32 on CPUs, where bfloat16 gains nothing (docs/performance.md).
+  c.compute_dtype = "auto"
   c.total_steps = 100_000
   c.log_every_steps = 50
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.eval_every_steps = 0         # 0: evaluate only at the end of training
+  # JAX's persistent compilation cache, so a restarted run loads its compiled step instead of
+  # compiling it again: "" = WORKDIR/compilation_cache (local or gs://), "none" = off, else a
+  # directory or URL (one cache may serve many runs of a sweep).
+  c.compilation_cache_dir = ""
   # (axis name, size); -1 takes the remaining devices. data: replicate parameters; fsdp: shard
   # big parameters and optimizer state too; tensor: Megatron-split the ViT blocks (sharding.py).
   c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))

@@ -6,6 +6,9 @@ directory renamed at the end), so a crash mid-save leaves the previous step rest
 
 Export: `workdir/export/{params/, model_config.json}`: the EMA target encoder (the model that is
 evaluated) plus everything `load_encoder` needs to rebuild and feed it.
+
+Every directory here may be a URL (gs://bucket/run/checkpoints): Orbax gets it unchanged (local
+paths are made absolute), and the JSON beside it goes through the same path API (paths.py).
 """
 
 from __future__ import annotations
@@ -13,16 +16,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from pmsn_jax import paths
 from pmsn_jax.models import vit
 
 EXPORT_FORMAT = "pmsn_jax.encoder.v1"
@@ -31,11 +33,11 @@ EXPORT_FORMAT = "pmsn_jax.encoder.v1"
 class Checkpointer:
   """Thin wrapper over ocp.CheckpointManager with the policies the train loop needs."""
 
-  def __init__(self, directory: str, *, keep: int | None = None, read_only: bool = False):
+  def __init__(self, directory, *, keep: int | None = None, read_only: bool = False):
     """`read_only`: for evaluating another run's checkpoints: creates, cleans up and deletes
     nothing there (that run may still be writing them)."""
     self.manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
+        paths.resolve(directory),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=not read_only, read_only=read_only,
             enable_async_checkpointing=not read_only,
@@ -75,23 +77,22 @@ def abstract_with_shardings(abstract_tree, shardings):
 
 # ----------------------------------------------------------------------------- export
 
-def export_encoder(directory: str, encoder_state: nnx.State, vit_cfg: vit.ViTConfig,
+def export_encoder(directory, encoder_state: nnx.State, vit_cfg: vit.ViTConfig,
                    mean, std) -> None:
   """Writes the encoder parameters (Orbax) and the config that rebuilds it."""
-  directory = os.path.abspath(directory)
+  directory = paths.resolve(directory)
   # Whole arrays on every process, whatever their sharding (FSDP shards span hosts).
   params = jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True),
                         encoder_state.to_pure_dict())
   with ocp.StandardCheckpointer() as ckpt:
-    ckpt.save(os.path.join(directory, "params"), params, force=True)
+    ckpt.save(directory / "params", params, force=True)
   if jax.process_index() == 0:
     meta = {"format": EXPORT_FORMAT, "vit": dataclasses.asdict(vit_cfg),
             "mean": list(mean), "std": list(std)}
-    with open(os.path.join(directory, "model_config.json"), "w") as f:
-      json.dump(meta, f, indent=2)
+    paths.write_text(directory / "model_config.json", json.dumps(meta, indent=2))
 
 
-def load_encoder(path: str, features: str = "cls") -> Callable[[jax.Array], jax.Array]:
+def load_encoder(path, features: str = "cls") -> Callable[[jax.Array], jax.Array]:
   """Rebuilds an exported encoder. Returns encode(images [N,H,W,C]) -> features [N, D].
 
   `features` picks the readout (vit.FEATURE_READOUTS): the CLS token, the mean patch token, or
@@ -99,16 +100,15 @@ def load_encoder(path: str, features: str = "cls") -> Callable[[jax.Array], jax.
 
   `images` are raw pixels (uint8, or floats in [0, 255]); they are resized to the trained
   resolution if needed and normalised with the mean/std saved at export, so callers need not
-  know how the model was trained.
+  know how the model was trained. `path` may be a URL (gs://bucket/run/export).
   """
   vit.check_readout(features)  # before loading anything, not at the first call
-  path = os.path.abspath(path)
-  meta_path = os.path.join(path, "model_config.json")
-  if not os.path.exists(meta_path):
+  path = paths.resolve(path)
+  meta_path = path / "model_config.json"
+  if not meta_path.exists():
     raise FileNotFoundError(f"{meta_path} not found: pass the export directory written by "
                             "training (WORKDIR/export).")
-  with open(meta_path) as f:
-    meta = json.load(f)
+  meta = json.loads(meta_path.read_text())
   if meta.get("format") != EXPORT_FORMAT:
     raise ValueError(f"{meta_path} has format {meta.get('format')!r}, expected "
                      f"{EXPORT_FORMAT!r}.")
@@ -119,7 +119,7 @@ def load_encoder(path: str, features: str = "cls") -> Callable[[jax.Array], jax.
                         abstract_state.to_pure_dict())
   with ocp.StandardCheckpointer() as ckpt:
     try:
-      params = ckpt.restore(os.path.join(path, "params"), target)
+      params = ckpt.restore(path / "params", target)
     except (ValueError, KeyError) as e:
       raise ValueError(f"{path}/params does not match its model_config.json "
                        f"({str(e).splitlines()[0][:200]}).") from None

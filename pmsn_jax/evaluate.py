@@ -16,6 +16,8 @@ The result JSON goes to --out, by default DIR/eval.json for an export and
 WORKDIR/eval_step_<STEP>_<readout>.json for a checkpoint: beside the encoder it measures, so two
 encoders (or readouts of one checkpoint) never overwrite each other's results, and training's
 WORKDIR/eval.json is left as training wrote it. The table is printed as at the end of training.
+Every path may be a URL (--checkpoint=gs://bucket/run): it is read and written through the
+path API training uses (paths.py).
 
 Like main.py, whose --config flag, multi-process flags and flag parser this module reuses, a
 user mistake ends with one line on stderr and exit status 2.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import posixpath
 import sys
 
 import jax
@@ -36,7 +39,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from pmsn_jax import main as cli  # --config, multi-process flags, parse_flags, USER_ERROR_EXIT
-from pmsn_jax import host_setup, run_dir, sharding
+from pmsn_jax import host_setup, paths, run_dir, sharding
 from pmsn_jax.models import vit
 
 _EXPORT = flags.DEFINE_string("export", None, "Encoder export directory (training writes "
@@ -89,8 +92,8 @@ def random_encoder(vit_cfg, seed: int, mesh, features: str = "cls"):
 
 def read_model_config(export_dir: str, data_cfg):
   """The export's ViTConfig, checked against the config's data (channels, image size)."""
-  with open(os.path.join(export_dir, "model_config.json")) as f:
-    vit_cfg = vit.ViTConfig(**json.load(f)["vit"])
+  meta = json.loads(paths.read_text(paths.path(export_dir) / "model_config.json"))
+  vit_cfg = vit.ViTConfig(**meta["vit"])
   for key in ("channels", "image_size"):
     if getattr(vit_cfg, key) != data_cfg[key]:
       raise ValueError(f"{export_dir} holds a model trained with {key}={getattr(vit_cfg, key)}"
@@ -117,19 +120,20 @@ def evaluate_export(config, export_dir: str, *, random_init: bool = False) -> di
 
 
 def find_checkpoint(path: str) -> tuple[str, int]:
-  """--checkpoint -> (workdir, step): WORKDIR/checkpoints/STEP, or WORKDIR and its newest step."""
+  """--checkpoint -> (workdir, step): WORKDIR/checkpoints/STEP, or WORKDIR and its newest step.
+  `path` may be a URL; the workdir comes back absolute (local) or as a URL."""
   from pmsn_jax import train
 
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "checkpoints")):
+  path = os.fspath(paths.resolve(path))
+  if (paths.path(path) / "checkpoints").is_dir():
     steps = train.checkpoint_steps(path)
     if not steps:
       raise FileNotFoundError(f"{path}/checkpoints holds no saved step yet; wait for the "
                               "first checkpoint or pass another --checkpoint")
     return path, steps[-1]
-  step_name, parent = os.path.basename(path), os.path.dirname(path)
-  if step_name.isdigit() and os.path.basename(parent) == "checkpoints":
-    workdir = os.path.dirname(parent)
+  step_name, parent = posixpath.basename(path), posixpath.dirname(path)
+  if step_name.isdigit() and posixpath.basename(parent) == "checkpoints":
+    workdir = posixpath.dirname(parent)
     saved_steps = train.checkpoint_steps(workdir)
     if int(step_name) not in saved_steps:
       raise FileNotFoundError(f"{parent} has no step {step_name}; its saved steps are "
@@ -141,18 +145,18 @@ def find_checkpoint(path: str) -> tuple[str, int]:
 
 def evaluate_checkpoint(config, path: str, *, random_init: bool = False) -> dict:
   """Restores a training checkpoint (read-only), runs the suite on its EMA target encoder."""
-  from pmsn_jax import checkpoint, step, train, validation
+  from pmsn_jax import checkpoint, program, train, validation
 
   validation.validate(config)
   workdir, step_number = find_checkpoint(path)
   if jax.process_count() > 1:  # a run still saving: every process must read the same step
     step_number = int(multihost_utils.broadcast_one_to_all(np.int32(step_number)))
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(config_path):
+  config_path = paths.path(workdir) / "config.json"
+  if not config_path.is_file():
     raise FileNotFoundError(f"{config_path} not found: --checkpoint needs a pmsn_jax.main "
                             "workdir, which saves its config there")
-  with open(config_path) as f:  # keys newer than the run read as the value it ran with
-    saved = run_dir.with_added_keys(json.load(f))
+  # Keys newer than the run read as the value it ran with.
+  saved = run_dir.with_added_keys(json.loads(config_path.read_text()))
   current = json.loads(config.to_json_best_effort())
   changed = validation.changed_keys(saved, current, train.SHAPE_KEYS)
   if changed:
@@ -161,24 +165,19 @@ def evaluate_checkpoint(config, path: str, *, random_init: bool = False) -> dict
   data_changes = validation.changed_keys(saved, current, ("data",))
   if data_changes:  # allowed (e.g. another test set), but the shot groups may differ
     train.say(f"note: config.data differs from the training run's in {data_changes}")
-  mesh = sharding.make_mesh(config.mesh)
-  graphdef, _, _, create_state = step.build(config, vit.vit_config_from(config))
-  abstract_state = jax.eval_shape(create_state)
-  shardings = sharding.state_shardings(abstract_state, mesh, config.partition_rules,
-                                       config.fsdp_min_size)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+  prog = program.build(config, sharding.make_mesh(config.mesh))
+  ckpt = checkpoint.Checkpointer(paths.path(workdir) / "checkpoints", read_only=True)
   try:
-    state = ckpt.restore(step_number,
-                         checkpoint.abstract_with_shardings(abstract_state, shardings))
+    state = ckpt.restore(step_number, prog.abstract_state)
   finally:
     ckpt.close()
   features = config.eval.features
-  encode = train.target_encoder(graphdef, state, features)
+  encode = program.target_encoder(prog.graphdef, state, features)
   del state  # keeps only the target encoder: the optimizer state is freed before the suite
   # The reference is the one training reports: this config's own initialisation.
-  reference = (train.target_encoder(
-      graphdef, jax.jit(create_state, out_shardings=shardings)(), features)
+  reference = (program.target_encoder(prog.graphdef, prog.init_state(), features)
                if random_init else None)
+  mesh = prog.mesh
   result = run_suite(config, f"{workdir}/checkpoints/{step_number}", encode, reference, mesh)
   result.update(step=step_number, checkpoint=workdir)
   return result
@@ -198,9 +197,9 @@ def run_suite(config, what: str, encode, reference, mesh) -> dict:
 
 def default_out(result: dict) -> str:
   if "export" in result:
-    return os.path.join(result["export"], "eval.json")
-  return os.path.join(result["checkpoint"],
-                      f"eval_step_{result['step']}_{result['features']}.json")
+    return posixpath.join(result["export"], "eval.json")
+  return posixpath.join(result["checkpoint"],
+                        f"eval_step_{result['step']}_{result['features']}.json")
 
 
 def main(argv):
@@ -213,24 +212,23 @@ def main(argv):
   try:
     distributed.initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
     if _EXPORT.value:
-      result = evaluate_export(fv.config, os.path.abspath(_EXPORT.value),
+      result = evaluate_export(fv.config, os.fspath(paths.resolve(_EXPORT.value)),
                                random_init=_RANDOM_INIT.value)
     else:
       result = evaluate_checkpoint(fv.config, _CHECKPOINT.value, random_init=_RANDOM_INIT.value)
   except (ValueError, FileNotFoundError) as e:
     logging.debug("user error", exc_info=True)
     _user_error(str(e))
-  out = os.path.abspath(_OUT.value or default_out(result))
+  out = os.fspath(paths.resolve(_OUT.value or default_out(result)))
   from pmsn_jax import train  # loaded by evaluate_export by now
   from pmsn_jax.evals import suite
   train.say(suite.format_table(result))
   if jax.process_index() == 0:
     try:
-      os.makedirs(os.path.dirname(out), exist_ok=True)
-      with open(out, "w") as f:
-        json.dump(result, f, indent=2)
+      paths.ensure_dir(posixpath.dirname(out))
+      paths.write_text(out, json.dumps(result, indent=2))
     except OSError as e:
-      _user_error(f"cannot write --out={out} ({e.strerror}); pass a writable --out")
+      _user_error(f"cannot write --out={out} ({e.strerror or e}); pass a writable --out")
   train.say(f"wrote {out}")
 
 

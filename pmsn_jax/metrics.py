@@ -8,35 +8,76 @@ import os
 import time
 
 import jax
+from absl import logging
+
+from pmsn_jax import paths
 
 
 class MetricWriter:
-  """Appends {"step": s, **scalars} to workdir/metrics.jsonl and TensorBoard event files."""
+  """Appends {"step": s, **scalars} to workdir/metrics.jsonl and TensorBoard event files.
 
-  def __init__(self, workdir: str):
+  `workdir` may be a URL (paths.py): metrics.jsonl goes through etils.epath, TensorBoard
+  through tf.io.gfile, which writes gs:// natively. Where tf.io.gfile cannot reach the workdir
+  (tensorboard_unreachable), TensorBoard is skipped with one warning; metrics.jsonl holds
+  every scalar anyway.
+  """
+
+  def __init__(self, workdir):
     self.active = jax.process_index() == 0
     if not self.active:
       return
     import tensorflow as tf  # TensorFlow is already a dependency (tf.data); no clu needed.
     self._tf = tf
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-    self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+    self._jsonl = paths.AppendFile(paths.path(workdir) / "metrics.jsonl")
+    tb_dir = os.path.join(os.fspath(workdir), "tensorboard")
+    why_not = tensorboard_unreachable(tb_dir, os.environ, tf.io.gfile.get_registered_schemes())
+    if why_not:
+      logging.warning("TensorBoard off: %s; the same scalars are in metrics.jsonl", why_not)
+    self._tb = None if why_not else tf.summary.create_file_writer(tb_dir)
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.active:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
     self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
-    self._jsonl.flush()
-    with self._tb.as_default():
-      for name, value in scalars.items():
-        self._tf.summary.scalar(name, value, step=int(step))
-    self._tb.flush()
+    if self._tb is not None:
+      with self._tb.as_default():
+        for name, value in scalars.items():
+          self._tf.summary.scalar(name, value, step=int(step))
+      self._tb.flush()
+
+  def flush(self) -> None:
+    """Makes every row written so far visible (on a URL, metrics.jsonl is synced lazily)."""
+    if self.active:
+      self._jsonl.flush()
 
   def close(self) -> None:
+    """Safe to call more than once."""
     if self.active:
       self._jsonl.close()
-      self._tb.close()
+      if self._tb is not None:
+        self._tb.close()
+        self._tb = None
+
+
+def tensorboard_unreachable(directory: str, environ, gfile_schemes) -> str | None:
+  """Why tf.summary cannot write to `directory`, or None if it can.
+
+  TensorBoard event files go through tf.io.gfile, not etils.epath: a URL scheme it has no
+  filesystem for would fail at the first write, and gs:// pointed at an emulator
+  (STORAGE_EMULATOR_HOST, honoured by gcsfs and tensorstore) would make TF write to the real
+  Cloud Storage instead, since TF's GCS filesystem has no endpoint setting.
+  """
+  if not paths.is_url(directory):
+    return None
+  scheme = directory.split("://", 1)[0]
+  if scheme not in gfile_schemes:
+    known = sorted(filter(None, gfile_schemes))
+    return f"tf.io.gfile has no {scheme}:// filesystem (it has {known})"
+  if scheme == "gs" and environ.get("STORAGE_EMULATOR_HOST"):
+    return (f"STORAGE_EMULATOR_HOST={environ['STORAGE_EMULATOR_HOST']} points gs:// at an "
+            f"emulator that tf.io.gfile cannot reach")
+  return None
 
 
 class Progress:

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Callable, Mapping
 
 import jax
 import numpy as np
 
-from pmsn_jax import losses, step
+from pmsn_jax import losses, paths, step
 
 FIT_SOURCES = ("labels", "clusters")
 FIT_FILE = "prior_fit.json"
@@ -151,19 +150,17 @@ def fit_class_counts(class_counts) -> Fit:
   return fit_histogram("labels", present)
 
 
-def save(workdir: str, fit: Fit) -> None:
-  """Writes WORKDIR/prior_fit.json (callers write from process 0 only)."""
-  with open(os.path.join(workdir, FIT_FILE), "w") as f:
-    json.dump(dataclasses.asdict(fit), f, indent=2)
+def save(workdir, fit: Fit) -> None:
+  """Writes WORKDIR/prior_fit.json (callers write from process 0 only); WORKDIR may be a URL."""
+  paths.write_text(paths.path(workdir) / FIT_FILE, json.dumps(dataclasses.asdict(fit), indent=2))
 
 
-def load(workdir: str) -> Fit | None:
+def load(workdir) -> Fit | None:
   """The fit a previous run wrote to WORKDIR/prior_fit.json, if any."""
-  path = os.path.join(workdir, FIT_FILE)
-  if not os.path.exists(path):
+  path = paths.path(workdir) / FIT_FILE
+  if not path.exists():
     return None
-  with open(path) as f:
-    return Fit(**json.load(f))
+  return Fit(**json.loads(path.read_text()))
 
 
 class PriorTracker:

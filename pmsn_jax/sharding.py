@@ -24,6 +24,7 @@ import re
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -63,7 +64,29 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
   if math.prod(sizes) != len(devices):
     raise ValueError(f"config.mesh={tuple(mesh_config)} has {math.prod(sizes)} devices but "
                      f"{len(devices)} are present; use -1 for one axis to fill it.")
-  return Mesh(np.asarray(devices).reshape(sizes), names)
+  return Mesh(device_grid(sizes, devices), names)
+
+
+def device_grid(sizes: list[int], devices) -> np.ndarray:
+  """Devices arranged as the mesh `sizes`, following the physical interconnect.
+
+  On TPU, mesh_utils maps mesh axes onto the torus so that each axis's collectives run over
+  neighbouring chips; with several slices (multi-slice, joined by the data-center network)
+  the slices split the first (data) axis, so only the data-parallel gradient reduction
+  crosses the slower network. Elsewhere the devices are taken in order.
+  """
+  slices = sorted({getattr(d, "slice_index", 0) for d in devices})
+  if len(slices) > 1:
+    if sizes[0] % len(slices):
+      raise ValueError(f"the {DATA_AXIS!r} axis ({sizes[0]}) must be a multiple of the "
+                       f"{len(slices)} slices: each slice takes an equal share of it")
+    per_slice = [sizes[0] // len(slices), *sizes[1:]]
+    dcn = [len(slices)] + [1] * (len(sizes) - 1)
+    return mesh_utils.create_hybrid_device_mesh(per_slice, dcn, devices,
+                                                allow_split_physical_axes=True)
+  if getattr(devices[0], "platform", "") == "tpu":
+    return mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+  return np.asarray(devices).reshape(sizes)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -73,6 +96,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dimension split over the data and fsdp axes, the rest replicated."""
   return NamedSharding(mesh, P(_present(mesh, BATCH_AXES)))
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """Pins an activation's leading (batch) dimension to the batch axes of the mesh the step is
+  traced under (`jax.set_mesh`), its other dimensions replicated. Without it XLA may pick
+  other layouts for the reshapes between token groups and move activations between chips.
+  Outside a mesh context (eager calls, single-device evaluation) `x` is returned as it is."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, P(_present(mesh, BATCH_AXES)))
 
 
 def batch_shards(mesh: Mesh) -> int:
@@ -153,9 +187,10 @@ def step_input_shardings(batch, mesh: Mesh) -> dict:
   return {k: replicated(mesh) if k == "prior" else batch_sharding(mesh) for k in batch}
 
 
-def check_batch_size(global_batch: int, mesh: Mesh) -> None:
-  """Fails before compiling if the batch cannot be split over the mesh and the hosts."""
-  shards, hosts = batch_shards(mesh), jax.process_count()
+def check_batch_size(global_batch: int, mesh: Mesh, processes: int | None = None) -> None:
+  """Fails before compiling if the batch cannot be split over the mesh and the hosts
+  (`processes`, default jax.process_count())."""
+  shards, hosts = batch_shards(mesh), processes or jax.process_count()
   if shards < hosts:
     raise ValueError(f"config.mesh {dict(mesh.shape)} splits the batch {shards} ways, fewer "
                      f"than the {hosts} processes: each process must feed its own slice, so "

@@ -5,7 +5,7 @@ export -> evaluation.
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import json
 import math
 import os
@@ -14,12 +14,13 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
+import orbax.checkpoint as ocp
+from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
 
-from pmsn_jax import checkpoint, diagnostics, metrics, prior_fit, sharding, step, validation
+from pmsn_jax import (checkpoint, diagnostics, metrics, paths, prior_fit, program, sharding,
+                      step, validation)
 from pmsn_jax.data import pipeline, sampling, sources
 from pmsn_jax.evals import suite
-from pmsn_jax.models import vit
 from pmsn_jax.preemption import Preempted, PreemptionWatch
 
 
@@ -98,58 +99,106 @@ def say(message: str) -> None:
 SHAPE_KEYS = ("model", "data.image_size", "data.channels", "data.focal_size", "data.num_focal")
 
 
-def check_workdir(config, workdir: str, *, allow_config_change: bool = False) -> None:
-  """Creates `workdir` and refuses one whose checkpoints came from a config differing in
-  SHAPE_KEYS (unless allowed). Writes nothing else: save_config does, once the run is sure
-  to start."""
+def check_workdir(config, workdir, *, allow_config_change: bool = False) -> None:
+  """Creates `workdir` (a local directory or a URL, paths.py) and refuses one whose checkpoints
+  came from a config differing in SHAPE_KEYS (unless allowed). Writes nothing else:
+  save_config does, once the run is sure to start."""
+  probe = paths.path(workdir) / f".write_test.{jax.process_index()}"
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
+    paths.ensure_dir(workdir)
+    probe.write_text("ok")
+    probe.unlink()
   except OSError as e:
-    raise ValueError(f"--workdir={workdir} is not writable ({e.strerror}); pick a directory "
-                     f"you can write to") from None
+    if not paths.is_url(workdir):
+      raise ValueError(f"--workdir={workdir} is not writable ({e.strerror}); pick a directory "
+                       f"you can write to") from None
+    _not_writable_url(workdir, e)
+  except Exception as e:  # noqa: BLE001  object stores raise their own errors (auth, no bucket)
+    if not paths.is_url(workdir):
+      raise
+    _not_writable_url(workdir, e)
   changed = changed_shape_keys(config, workdir)
   if changed and not allow_config_change:
     raise ValueError(f"{workdir} holds checkpoints of a config that differs in {changed}; "
                      f"use a fresh --workdir, or pass --allow_config_change to resume anyway")
 
 
-def changed_shape_keys(config, workdir: str) -> list[str]:
+def _not_writable_url(workdir, e: Exception):
+  detail = (str(e).strip().splitlines() or [""])[0][:200]
+  raise ValueError(f"--workdir={workdir} is not writable ({type(e).__name__}: {detail}); check "
+                   f"the bucket name and this machine's credentials, or pick another --workdir"
+                   ) from None
+
+
+def changed_shape_keys(config, workdir) -> list[str]:
   """SHAPE_KEYS that differ from the config.json beside the workdir's checkpoints."""
-  path = os.path.join(workdir, "config.json")
-  if not (os.path.exists(path) and checkpoint_steps(workdir)):
+  path = paths.path(workdir) / "config.json"
+  if not (path.exists() and checkpoint_steps(workdir)):
     return []
-  with open(path) as f:
-    saved = json.load(f)
+  saved = json.loads(path.read_text())
   current = json.loads(config.to_json_best_effort())
   return validation.changed_keys(saved, current, SHAPE_KEYS)
 
 
-def checkpoint_steps(workdir: str) -> list[int]:
-  directory = os.path.join(workdir, "checkpoints")
-  return sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(
-      directory) else []
+def checkpoint_steps(workdir) -> list[int]:
+  """The committed steps of WORKDIR/checkpoints, as Orbax lists them (an unfinished save, a
+  temporary directory locally or a step without its commit marker on GCS, is not one)."""
+  return sorted(ocp.utils.checkpoint_steps(paths.path(workdir) / "checkpoints"))
 
 
-def save_config(config, workdir: str) -> None:
+def save_config(config, workdir) -> None:
   """Writes config.json; a previous one with other shapes is kept as config.before_step_N."""
   if jax.process_index() != 0:
     return
-  path = os.path.join(workdir, "config.json")
+  path = paths.path(workdir) / "config.json"
   if changed_shape_keys(config, workdir):
-    os.replace(path, os.path.join(workdir, f"config.before_step_"
-                                           f"{checkpoint_steps(workdir)[-1]}.json"))
-  with open(path, "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    paths.replace(path, paths.path(workdir) / f"config.before_step_"
+                                               f"{checkpoint_steps(workdir)[-1]}.json")
+  paths.write_text(path, config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(config, workdir):
+  """JAX's persistent compilation cache in config.compilation_cache_dir (default
+  WORKDIR/compilation_cache, "none": off) for the run; yields the directory (or None).
+
+  A restarted or resumed run (a preempted pod slice, the next part of a sweep) then loads its
+  executables instead of compiling them again: minutes for big models on TPU. JAX writes the
+  cache from process 0 only, through etils.epath, so a gs:// directory works. Entered before
+  the first compile; the previous setting comes back on exit (runs made in one process, as
+  tests do, each use their own directory).
+  """
+  directory = compilation_cache_dir(config.compilation_cache_dir, workdir)
+  previous = jax.config.jax_compilation_cache_dir
+  _use_compilation_cache(directory)
+  try:
+    yield directory
+  finally:
+    _use_compilation_cache(previous)
+
+
+def _use_compilation_cache(directory: str | None) -> None:
+  if directory != jax.config.jax_compilation_cache_dir:
+    jax_compilation_cache.reset_cache()  # JAX opens its cache once: point it anew
+    jax.config.update("jax_compilation_cache_dir", directory)
+
+
+def compilation_cache_dir(setting: str, workdir) -> str | None:
+  """config.compilation_cache_dir -> the cache directory (absolute, or a URL), or None."""
+  if setting.lower() == "none":
+    return None
+  return os.fspath(paths.resolve(setting or paths.path(workdir) / "compilation_cache"))
 
 
 def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = False) -> dict:
+  """Trains, exports and evaluates in `workdir`, a local directory or a URL (paths.py)."""
   validation.validate(config)
   check_workdir(config, workdir, allow_config_change=allow_config_change)
+  with persistent_compilation_cache(config, workdir):
+    return _train_and_evaluate(config, workdir)
 
+
+def _train_and_evaluate(config, workdir: str) -> dict:
   # ----------------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.batch_size, mesh)
@@ -165,26 +214,18 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   if eval_data is not None:
     suite.check(eval_data, config)  # fail now, not after training (e.g. too few low-shot images)
 
-  # ------------------------------------------------------------ model/optimizer
-  vit_cfg = vit.vit_config_from(config)
-  graphdef, tx, scheds, create_state = step.build(config, vit_cfg)
-  abstract_state = jax.eval_shape(create_state)
-
-  # ----------------------------------------------------------------- shardings
-  state_shardings = sharding.state_shardings(abstract_state, mesh, config.partition_rules,
-                                             config.fsdp_min_size)
-  batch_sharding = sharding.batch_sharding(mesh)
+  # ------------------------------------- model, optimizer and shardings (program.py)
+  prog = program.build(config, mesh)
 
   # ---------------------------------------------------------- init or restore
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+  ckpt = checkpoint.Checkpointer(paths.path(workdir) / "checkpoints",
                                  keep=config.keep_checkpoints)
   latest = ckpt.latest_step()
   if latest is None:
-    state = jax.jit(create_state, out_shardings=state_shardings)()
+    state = prog.init_state()
   else:
     say(f"resuming from {workdir}/checkpoints/{latest}")
-    state = ckpt.restore(latest, checkpoint.abstract_with_shardings(abstract_state,
-                                                                    state_shardings))
+    state = ckpt.restore(latest, prog.abstract_state)
   start_step = int(jax.device_get(state.step))
 
   # ------------------------------ the prior: fixed, or fitted from data (prior_fit.py)
@@ -202,14 +243,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
 
   # ------------------------------------------------ the step, compiled once, up front
   compile_start = time.perf_counter()
-  abstract_inputs = step.abstract_batch(config, batch_sharding, replicated)
-  train_step = jax.jit(
-      step.make_train_step(graphdef, tx, scheds, config),
-      in_shardings=(state_shardings, {k: v.sharding for k, v in abstract_inputs.items()}),
-      out_shardings=(state_shardings, replicated, replicated),
-      donate_argnums=0).lower(
-          checkpoint.abstract_with_shardings(abstract_state, state_shardings),
-          abstract_inputs).compile()
+  train_step = prog.lower_train_step().compile()
   say(compiled_summary(train_step) + f"; compiled in {time.perf_counter() - compile_start:.1f} s")
 
   # ---------------------------------------------------------------------- loop
@@ -219,6 +253,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
       start_step=start_step, process_index=jax.process_index(),
       process_count=jax.process_count(), batch_class_skew=config.data.batch_class_skew)
   writer = metrics.MetricWriter(workdir)
+  prototypes_file = (paths.AppendFile(paths.path(workdir) / diagnostics.PROTOTYPES_FILE)
+                     if jax.process_index() == 0 else None)
   progress = metrics.Progress(start_step, config.total_steps, config.batch_size)
   skipped_images = 0  # unreadable images replaced by the pipeline (this process, this run)
   preemption = PreemptionWatch(ckpt.manager)
@@ -256,9 +292,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
             current, jax.device_get(step_aux), priors.prior)
         scalars.update(proto_scalars)
         if (current % vectors_every == 0 or current == config.total_steps) and (
-            jax.process_index() == 0):
-          with open(os.path.join(workdir, diagnostics.PROTOTYPES_FILE), "a") as f:
-            f.write(json.dumps(proto_record) + "\n")
+            prototypes_file is not None):
+          prototypes_file.write(json.dumps(proto_record) + "\n")
         writer.write(current, scalars)
         say(metrics.format_line(current, config.total_steps, scalars))
       if priors.observe(current, step_aux):  # prior = "fit", "clusters": warm-up ends
@@ -268,39 +303,48 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
         writer.write(current, priors.fit.scalars())
         say(priors.fit.describe(config.model.num_prototypes))
       if save:
+        # Rows up to this checkpoint reach a URL workdir now (paths.AppendFile): after a crash
+        # the resumed run logs the later ones again.
+        writer.flush()
+        if prototypes_file is not None:
+          prototypes_file.flush()
         ckpt.save(current, state)
       if stop:
         ckpt.close()  # waits for the save to commit
         writer.close()  # the process may exit without teardown (preemption.exit_preempted)
+        if prototypes_file is not None:
+          prototypes_file.close()
         raise Preempted(current)
 
       if (config.eval.enabled and config.eval_every_steps and current < config.total_steps
           and current % config.eval_every_steps == 0):
-        result = suite.evaluate(target_encoder(graphdef, state, config.eval.features), None,
-                                eval_data, config, mesh, linear_probe=False)
+        encode = program.target_encoder(prog.graphdef, state, config.eval.features)
+        result = suite.evaluate(encode, None, eval_data, config, mesh, linear_probe=False)
         writer.write(current, suite.scalars(result))
   finally:
     ckpt.close()  # never leave with an async save in flight
     preemption.close()
+    writer.flush()  # on a URL workdir, rows since the last sync (e.g. before a NaN stop)
+    if prototypes_file is not None:
+      prototypes_file.close()
 
   # -------------------------------------------------------------------- export
-  encode = target_encoder(graphdef, state, config.eval.features)
-  checkpoint.export_encoder(os.path.join(workdir, "export"), encode.args[0], vit_cfg,
+  encode = program.target_encoder(prog.graphdef, state, config.eval.features)
+  checkpoint.export_encoder(paths.path(workdir) / "export", encode.args[0], prog.vit_cfg,
                             config.data.mean, config.data.std)
 
   # ---------------------------------------------------------------- evaluation
   result = {}
   if config.eval.enabled:
     # The reference encoder is this run's own initialisation (same config, same seed).
-    initial_state = jax.jit(create_state, out_shardings=state_shardings)()
+    initial_state = prog.init_state()
     result = suite.evaluate(
-        encode, target_encoder(graphdef, initial_state, config.eval.features), eval_data,
-        config, mesh)
+        encode, program.target_encoder(prog.graphdef, initial_state, config.eval.features),
+        eval_data, config, mesh)
     result["step"] = config.total_steps
     writer.write(config.total_steps, suite.scalars(result))
     if jax.process_index() == 0:
-      with open(os.path.join(workdir, "eval.json"), "w") as f:
-        json.dump(result, f, indent=2)
+      paths.write_text(paths.path(workdir) / "eval.json", json.dumps(result, indent=2))
     say(suite.format_table(result))
   writer.close()
   say(f"peak resident memory of this process: {peak_rss_mib():.0f} MiB")
@@ -328,16 +372,3 @@ def compiled_summary(compiled) -> str:
     parts.append(f"{cost['flops'] / 1e9:.1f} GFLOP per step per device as XLA counts them "
                  f"(scanned blocks, as on TPU, count once; benchmarks/train_step.py counts all)")
   return "compiled train step: " + "; ".join(parts or ["no analysis from this backend"])
-
-
-def target_encoder(graphdef, state: step.TrainState, features: str = "cls") -> functools.partial:
-  """images -> features (vit.FEATURE_READOUTS) of the EMA target encoder in `state`.
-
-  A partial over a jitted function: the encoder parameters (`.args[0]`) are an argument, not
-  constants baked into the compiled program.
-  """
-  model = nnx.merge(graphdef, state.params, state.target, state.batch_stats)
-  encoder_graph, encoder_state = nnx.split(model.target.encoder)
-  encode = jax.jit(
-      lambda params, images: nnx.merge(encoder_graph, params)(images, features=features))
-  return functools.partial(encode, encoder_state)

@@ -16,6 +16,7 @@ from pmsn_jax.models import vit
 SOURCE_SCHEMES = tuple(form.split(":")[0] for form in sources.SOURCE_FORMS)
 PRIORS = ("power_law", "uniform", "custom", "fit")
 PRIOR_FIT_SOURCES = ("labels", "clusters")  # prior_fit.FIT_SOURCES
+URL_SCHEMES = (None, "gs", "s3", "az")  # None: a local path; the rest: what etils.epath writes
 
 
 def _require(ok: bool, key: str, value, need: str) -> None:
@@ -114,6 +115,11 @@ def validate(config) -> None:
     _positive_int(config, key)
   _positive_int(config, "eval_every_steps", allow_zero=True)
   _positive_int(config, "seed", allow_zero=True)
+  cache = config.compilation_cache_dir
+  scheme = cache.split("://", 1)[0] if isinstance(cache, str) and "://" in cache else None
+  _require(isinstance(cache, str) and cache == cache.strip() and scheme in URL_SCHEMES,
+           "compilation_cache_dir", cache, "expected '' (WORKDIR/compilation_cache), 'none' "
+           "(off), a directory, or a gs://, s3:// or az:// URL")
 
   m = config.model
   vit.parse_variant(m.variant)

@@ -14,10 +14,13 @@ per-iteration slicing, which measured faster on CPU and GPU; rolled, compile tim
 depth. (An earlier probe on CPU found unrolling 1.5x slower; with this code it is faster, see
 docs/performance.md.)
 
-Several views of different resolutions can go through one call (`encode_groups`): their tokens
-share every per-token layer (LayerNorm, qkv, proj, MLP) as one [tokens, width] matrix, and only
-attention runs per group. Fewer, larger matmuls are faster (docs/performance.md), and the
-result equals separate calls up to float rounding. With the CLS readout (what training and the
+Several views of different resolutions can go through one call (`encode_groups`): each
+example's tokens of all its crops are concatenated along the token axis, so every per-token
+layer (LayerNorm, qkv, proj, MLP) runs once on one [B, tokens, width] array and only attention
+runs per crop. Fewer, larger matmuls are faster (docs/performance.md), the result equals
+separate calls up to float rounding, and the batch axis stays the leading one throughout: under
+data parallelism or FSDP (sharding.py) no activation crosses devices (the stream is pinned to
+the batch sharding with `sharding.constrain_batch`). With the CLS readout (what training and the
 default evaluation read) the last block runs apart from the scan, for the CLS rows only: the
 other tokens' outputs of that block are never read, and skipping them saves 8% of the Ti/16
 step's FLOPs.
@@ -36,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from pmsn_jax import sharding
 
 # Official widths/depths/heads (MSN, DeiT). "mu" is a CPU-sized model for demos and tests.
 VIT_SIZES = {
@@ -97,17 +102,22 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 FEATURE_READOUTS = ("cls", "avgpool", "cls_avgpool")
 
 
-def vit_config_from(config) -> ViTConfig:
-  """Builds a ViTConfig from an experiment config (model, data sizes, compute dtype).
+def vit_config_from(config, platform: str | None = None) -> ViTConfig:
+  """Builds a ViTConfig from an experiment config (model, data sizes, compute dtype) for the
+  platform the step will run on ("cpu", "gpu", "tpu"; default: JAX's default backend, but an
+  ahead-of-time compile for a TPU topology passes "tpu").
 
   Explicit model.width/depth/num_heads override the variant's size.
   """
   model_cfg, image_size = config.model, config.data.image_size
+  platform = platform or jax.default_backend()
   size, patch = parse_variant(model_cfg.variant)
   size = {k: (model_cfg.get(k) or v) for k, v in size.items()}
-  dtype = config.get("compute_dtype", "float32")
+  dtype = config.get("compute_dtype", "auto")
+  if dtype == "auto":  # bfloat16 on accelerators; AVX2 CPUs gain nothing from it
+    dtype = "float32" if platform == "cpu" else "bfloat16"
   if dtype not in COMPUTE_DTYPES:
-    raise ValueError(f"compute_dtype={dtype!r} is not one of {COMPUTE_DTYPES}.")
+    raise ValueError(f"compute_dtype={dtype!r} is not one of {('auto',) + COMPUTE_DTYPES}.")
   if image_size % patch:
     raise ValueError(f"data.image_size={image_size} is not a multiple of the patch size {patch}.")
   if size["width"] % size["num_heads"]:
@@ -116,7 +126,7 @@ def vit_config_from(config) -> ViTConfig:
   # The unrolled block loop is faster where measured (docs/performance.md): ViT-B/16 on an
   # H200 1.35x, Ti/16 on the 2-core CPU ~1.2x, S/16 ~1.1x, for 30-60% longer compiles. On TPU
   # the scan keeps compile time flat in depth for the large models pods train.
-  unroll = 1 if jax.default_backend() == "tpu" else size["depth"]
+  unroll = 1 if platform == "tpu" else size["depth"]
   return ViTConfig(**size, patch_size=patch, image_size=image_size,
                    channels=config.data.channels, scan_unroll=unroll, dtype=dtype,
                    remat=bool(model_cfg.get("remat", False)))
@@ -125,9 +135,10 @@ def vit_config_from(config) -> ViTConfig:
 class Block(nnx.Module):
   """Pre-norm transformer block: x + MHSA(LN(x)); x + MLP(LN(x)), over groups of tokens.
 
-  The residual stream is one [tokens, D] matrix holding several groups of [B_i, T_i] tokens
-  (e.g. masked anchors and focal crops), row-major and in order: the per-token layers run once
-  on all of it, attention runs within each group.
+  The residual stream is [B, sum_i n_i*T_i, D]: for each of the B examples, the tokens of its
+  n_i crops of T_i tokens in group i (e.g. 1 masked anchor, 10 focal crops), in group order.
+  The per-token layers run once on all of it; attention runs per crop. The batch dimension is
+  never merged with another, so a batch-sharded stream stays on its devices.
   """
 
   def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
@@ -141,41 +152,47 @@ class Block(nnx.Module):
     self.fc1 = nnx.Linear(dim, hidden, dtype=dtype, rngs=rngs)
     self.fc2 = nnx.Linear(hidden, dim, dtype=dtype, rngs=rngs)
 
-  def attention(self, qkv: jax.Array, batch: int, tokens: int, cls_only: bool) -> jax.Array:
-    """[batch*tokens, 3D] -> multi-head self-attention within one group: [batch*tokens, D],
-    or with `cls_only` [batch, D], the CLS queries alone (all tokens' keys and values)."""
-    dim = qkv.shape[-1] // 3
-    qkv = qkv.reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+  def attention(self, qkv: jax.Array, crops: int, tokens: int, cls_only: bool) -> jax.Array:
+    """[B, crops*tokens, 3D] -> multi-head self-attention within each crop: [B, crops*tokens,
+    D], or with `cls_only` [B, crops, D], the CLS queries alone (all tokens' keys and values)."""
+    batch, dim = qkv.shape[0], qkv.shape[-1] // 3
+    qkv = qkv.reshape(batch * crops, tokens, 3, self.num_heads, dim // self.num_heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if not cls_only:
-      return jax.nn.dot_product_attention(q, k, v).reshape(batch * tokens, dim)
+      return jax.nn.dot_product_attention(q, k, v).reshape(batch, crops * tokens, dim)
     # Written out: XLA:CPU fails to compile the bfloat16 gradient of dot_product_attention
     # with a single query ("Dot with multiple contracting dimensions is not implemented").
     logits = jnp.einsum("bnh,bsnh->bns", q[:, 0], k, preferred_element_type=jnp.float32)
     weights = jax.nn.softmax(logits / np.sqrt(q.shape[-1]), axis=-1).astype(v.dtype)
-    return jnp.einsum("bns,bsnh->bnh", weights, v).reshape(batch, dim)
+    return jnp.einsum("bns,bsnh->bnh", weights, v).reshape(batch, crops, dim)
 
   def __call__(self, x: jax.Array, shapes: tuple[tuple[int, int], ...], *,
                cls_only: bool = False) -> jax.Array:
-    """[sum B_i*T_i, D] -> the same, or with `cls_only` [sum B_i, D]: the CLS rows alone.
+    """[B, sum n_i*T_i, D] -> the same, or with `cls_only` [B, sum n_i, D]: the CLS rows.
 
-    `cls_only` is for the last block when only the CLS token is read out: every token still
-    gives keys and values, but attention, proj and the MLP run for the CLS rows only (9/12 of
-    the block's per-token matmul FLOPs saved). The CLS rows equal those of the full block.
+    `shapes` holds (n_i, T_i) per group. `cls_only` is for the last block when only the CLS
+    token is read out: every token still gives keys and values, but attention, proj and the
+    MLP run for the CLS rows only (9/12 of the block's per-token matmul FLOPs saved). The CLS
+    rows equal those of the full block.
     """
     # The residual stream stays float32 whatever the compute dtype (layers return `dtype`).
     qkv = _split_groups(self.qkv(self.norm1(x)), shapes)
     if cls_only:
-      x = jnp.concatenate([g.reshape(b, t, -1)[:, 0]
-                           for g, (b, t) in zip(_split_groups(x, shapes), shapes)])
-    attn = [self.attention(part, b, t, cls_only) for part, (b, t) in zip(qkv, shapes)]
-    x = x + self.proj(jnp.concatenate(attn))
-    return x + self.fc2(gelu(self.fc1(self.norm2(x))))
+      x = cls_rows(x, shapes)
+    attn = [self.attention(part, n, t, cls_only) for part, (n, t) in zip(qkv, shapes)]
+    x = x + self.proj(jnp.concatenate(attn, axis=1))
+    return sharding.constrain_batch(x + self.fc2(gelu(self.fc1(self.norm2(x)))))
 
 
 def _split_groups(x: jax.Array, shapes) -> list[jax.Array]:
-  """Rows of a [sum B_i*T_i, ...] matrix -> one [B_i*T_i, ...] block per group."""
-  return jnp.split(x, np.cumsum([b * t for b, t in shapes])[:-1])
+  """[B, sum n_i*T_i, ...] -> one [B, n_i*T_i, ...] block per group."""
+  return jnp.split(x, np.cumsum([n * t for n, t in shapes])[:-1], axis=1)
+
+
+def cls_rows(x: jax.Array, shapes) -> jax.Array:
+  """[B, sum n_i*T_i, D] -> [B, sum n_i, D]: the CLS token of every crop, in order."""
+  return jnp.concatenate([g.reshape(g.shape[0], n, t, -1)[:, :, 0]
+                          for g, (n, t) in zip(_split_groups(x, shapes), shapes)], axis=1)
 
 
 def keep_random_patches(tokens: jax.Array, keep: int, rng: jax.Array) -> jax.Array:
@@ -253,12 +270,19 @@ class ViT(nnx.Module):
                     features: str = "cls") -> list[jax.Array]:
     """[(images, mask_ratio), ...] -> one representation [B_i, D] per group (`readout`).
 
-    Groups may differ in batch size and resolution; see the module docstring.
+    Groups may differ in resolution; group i holds n_i crops per example, example-major
+    (B_i = n_i * B, where B is the first group's batch), e.g. a masked anchor [B, S, S, C]
+    and focal crops [B * F, s, s, C]. See the module docstring.
     """
     check_readout(features)
     tokens = [self.tokens(images, ratio, rng) for images, ratio in groups]
-    shapes = tuple(t.shape[:2] for t in tokens)
-    x = jnp.concatenate([t.reshape(-1, t.shape[-1]) for t in tokens])
+    batch = tokens[0].shape[0]
+    if any(t.shape[0] % batch for t in tokens):
+      raise ValueError(f"group batch sizes {[t.shape[0] for t in tokens]} must be multiples of "
+                       f"the first group's ({batch}): n crops per example, example-major.")
+    shapes = tuple((t.shape[0] // batch, t.shape[1]) for t in tokens)
+    x = sharding.constrain_batch(
+        jnp.concatenate([t.reshape(batch, -1, t.shape[-1]) for t in tokens], axis=1))
 
     def apply_block(block, x, cls_only=False):
       return block(x, shapes, cls_only=cls_only)
@@ -271,15 +295,16 @@ class ViT(nnx.Module):
 
     if features != "cls":
       x = run_blocks(x, self.blocks)
-      return [readout(self.norm, g.reshape(b, t, -1), features)
-              for g, (b, t) in zip(_split_groups(x, shapes), shapes)]
+      return [readout(self.norm, g.reshape(batch * n, t, -1), features)
+              for g, (n, t) in zip(_split_groups(x, shapes), shapes)]
     # Only the CLS rows leave the last block: it runs apart from the scan, on those rows only.
     graphdef, stacked = nnx.split(self.blocks)
     if self.cfg.depth > 1:
       x = run_blocks(x, nnx.merge(graphdef, jax.tree.map(lambda a: a[:-1], stacked)))
     last = nnx.merge(graphdef, jax.tree.map(lambda a: a[-1], stacked))
     cls = self.norm(apply_block(last, x, True))
-    return _split_groups(cls, [(b, 1) for b, _ in shapes])
+    per_crop = [(n, 1) for n, _ in shapes]
+    return [g.reshape(batch * n, -1) for g, (n, _) in zip(_split_groups(cls, per_crop), shapes)]
 
   def __call__(self, images: jax.Array, *, mask_ratio: float = 0.0,
                rng: jax.Array | None = None, features: str = "cls") -> jax.Array:
