@@ -7,3 +7,7 @@ os.environ["XLA_FLAGS"] = (
 # Keep TensorFlow (tf.data) off any accelerator and quiet.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# libtpu is a test requirement (ahead-of-time TPU compiles, tests/test_aot.py): JAX must not
+# try to open a TPU here, and several processes may load libtpu at once.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
