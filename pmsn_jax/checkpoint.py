@@ -16,18 +16,24 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
+import re
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
-from pmsn_jax import paths
+from pmsn_jax import paths, sharding
 from pmsn_jax.models import vit
 
-EXPORT_FORMAT = "pmsn_jax.encoder.v1"
+EXPORT_FORMAT = "pmsn_jax.encoder.v2"
+# v1: the same, with flat qkv kernels (flat_qkv); read and upgraded on load.
+READABLE_EXPORT_FORMATS = ("pmsn_jax.encoder.v1", EXPORT_FORMAT)
 
 
 class Checkpointer:
@@ -52,10 +58,19 @@ class Checkpointer:
     self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
   def restore(self, step: int, abstract_state):
-    """Restores onto `abstract_state` (ShapeDtypeStructs carrying the target shardings)."""
+    """Restores onto `abstract_state` (ShapeDtypeStructs carrying the target shardings).
+    Checkpoints with flat qkv kernels (written before they had a heads axis) are upgraded."""
+    restore = lambda target: self.manager.restore(  # noqa: E731
+        step, args=ocp.args.StandardRestore(target))
     try:
-      return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+      return restore(abstract_state)
     except (ValueError, KeyError) as e:
+      flat = flat_qkv(abstract_state)
+      if flat is not None:
+        try:
+          return unflatten_qkv(restore(flat), abstract_state)
+        except (ValueError, KeyError):
+          pass  # not that either: report the first error
       raise ValueError(
           f"checkpoint {self.manager.directory}/{step} does not match this config's model "
           f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); pass the config it was "
@@ -68,6 +83,43 @@ class Checkpointer:
       self.manager.wait_until_finished()
       self.manager.close()
       self.manager = None
+
+
+# Until 2026-12-07 qkv kernels were DeiT's flat [..., width, 3 * width] and their biases
+# [..., 3 * width]; now they are [..., width, 3, heads, head_dim] and [..., 3, heads, head_dim]
+# (so tensor parallelism can split heads). Same numbers in the same order: a reshape upgrades.
+_QKV_LEAF = re.compile(r"qkv/(kernel|bias)")
+
+
+def flat_qkv(abstract_tree):
+  """`abstract_tree` with its qkv leaves in the flat layout (None if it has none)."""
+  found = False
+
+  def flat(path, x):
+    nonlocal found
+    if not _QKV_LEAF.search(sharding.path_string(path)):
+      return x
+    found = True
+    shape = (*x.shape[:-3], math.prod(x.shape[-3:]))
+    placed = getattr(x, "sharding", None)
+    if placed is not None:  # the same split of the leading dims, the flat one whole
+      spec = (*tuple(placed.spec)[:len(shape) - 1], None)
+      placed = NamedSharding(placed.mesh, PartitionSpec(*spec))
+    return jax.ShapeDtypeStruct(shape, x.dtype, sharding=placed)
+  tree = jax.tree_util.tree_map_with_path(flat, abstract_tree)
+  return tree if found else None
+
+
+def unflatten_qkv(tree, abstract_tree):
+  """Reshapes the flat qkv leaves of a restored `tree` to `abstract_tree`'s shapes and
+  shardings (a jitted reshape: works on arrays that span hosts)."""
+  def reshape(x, target):
+    if x.shape == target.shape:
+      return x
+    if isinstance(x, np.ndarray) or getattr(target, "sharding", None) is None:
+      return np.asarray(x).reshape(target.shape)
+    return jax.jit(lambda a: a.reshape(target.shape), out_shardings=target.sharding)(x)
+  return jax.tree.map(reshape, tree, abstract_tree)
 
 
 def abstract_with_shardings(abstract_tree, shardings):
@@ -109,17 +161,20 @@ def load_encoder(path, features: str = "cls") -> Callable[[jax.Array], jax.Array
     raise FileNotFoundError(f"{meta_path} not found: pass the export directory written by "
                             "training (WORKDIR/export).")
   meta = json.loads(meta_path.read_text())
-  if meta.get("format") != EXPORT_FORMAT:
-    raise ValueError(f"{meta_path} has format {meta.get('format')!r}, expected "
-                     f"{EXPORT_FORMAT!r}.")
+  if meta.get("format") not in READABLE_EXPORT_FORMATS:
+    raise ValueError(f"{meta_path} has format {meta.get('format')!r}, expected one of "
+                     f"{READABLE_EXPORT_FORMATS}.")
   cfg = vit.ViTConfig(**meta["vit"])
   abstract = nnx.eval_shape(lambda: vit.ViT(cfg, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                         abstract_state.to_pure_dict())
+  legacy = meta["format"] != EXPORT_FORMAT
   with ocp.StandardCheckpointer() as ckpt:
     try:
-      params = ckpt.restore(path / "params", target)
+      params = ckpt.restore(path / "params", flat_qkv(target) if legacy else target)
+      if legacy:
+        params = unflatten_qkv(params, target)
     except (ValueError, KeyError) as e:
       raise ValueError(f"{path}/params does not match its model_config.json "
                        f"({str(e).splitlines()[0][:200]}).") from None

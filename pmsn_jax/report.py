@@ -32,7 +32,8 @@ from pmsn_jax.run_dir import OPTIONAL_INPUTS, Run, RunDirError, is_number, load_
 USER_ERROR_EXIT = 2
 USAGE = "python -m pmsn_jax.report RUN_DIR [RUN_DIR ...] --out DIR"
 
-GROUP_IGNORED = ("seed",)  # runs whose configs differ only here are seeds of one method
+GROUP_IGNORED = ("seed",  # runs whose configs differ only in these are seeds of one method
+                 "compilation_cache_dir")  # where compiled programs are cached, not what runs
 # (id, column title): what the table shows of each eval.json, as fractions (shown in %).
 COLUMNS = (
     ("knn_top1", "k-NN top-1"),

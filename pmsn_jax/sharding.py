@@ -4,8 +4,9 @@ Mesh axes (config.mesh, e.g. (("data", -1), ("fsdp", 1), ("tensor", 1))):
   * data: pure data parallelism; the batch is split, parameters are replicated;
   * fsdp: the batch is split too, and large parameters (with their Adam moments and EMA twins)
     are sharded along one dimension (ZeRO-3 / FSDP): XLA all-gathers them where used;
-  * tensor: Megatron-style tensor parallelism of the ViT blocks: qkv/fc1 column-split, proj/fc2
-    row-split over this axis; the batch is replicated over it.
+  * tensor: Megatron-style tensor parallelism of the ViT blocks: attention split by heads (qkv's
+    heads axis, proj's input rows), the MLP by hidden units (fc1 columns, fc2 rows); the batch
+    is replicated over it.
 An axis of size 1, or one the mesh lacks, is simply ignored by every rule, so one rule set
 serves all three layouts.
 
@@ -33,11 +34,15 @@ TENSOR_AXIS = "tensor"
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # the batch is split over both; replicated over tensor
 
 # Megatron-style ViT blocks + FSDP for everything else big. Stacked block kernels are
-# [layers, in, out]: column-parallel layers split `out` over tensor, row-parallel ones `in`.
+# [layers, in, out] (qkv: [layers, in, 3, heads, head_dim]): column-parallel layers split their
+# output (qkv: its heads) over tensor, row-parallel ones their input (proj's input rows are
+# (head, channel) in order, so a split of them is a split by heads too).
 DEFAULT_RULES = (
-    (r"blocks/(qkv|fc1)/kernel", (None, FSDP_AXIS, TENSOR_AXIS)),
+    (r"blocks/qkv/kernel", (None, FSDP_AXIS, None, TENSOR_AXIS)),
+    (r"blocks/qkv/bias", (None, None, TENSOR_AXIS)),
+    (r"blocks/fc1/kernel", (None, FSDP_AXIS, TENSOR_AXIS)),
     (r"blocks/(proj|fc2)/kernel", (None, TENSOR_AXIS, FSDP_AXIS)),
-    (r"blocks/(qkv|fc1)/bias", (None, TENSOR_AXIS)),
+    (r"blocks/fc1/bias", (None, TENSOR_AXIS)),
     (r".*", "fsdp"),
 )
 

@@ -2,9 +2,9 @@
 
 Deviceless: libtpu (a test requirement) describes the chips of a slice and compiles for them
 on this CPU machine. Checked: the CLI's exit codes and last line; that under data parallelism
-the compiled ViT-S/16 step (official views: a masked anchor at 224, focal crops at 96) moves
-no activations between chips; that under FSDP only parameters are gathered and per-chip
-temporaries fall with the chip count.
+and head-parallel tensor parallelism the compiled ViT-S/16 step (official views: a masked
+anchor at 224, focal crops at 96) moves no activations between chips beyond all-reduces; that
+under FSDP only parameters are gathered and per-chip temporaries fall with the chip count.
 """
 
 import os
@@ -92,12 +92,16 @@ def moved_arrays(hlo_text: str, op: str) -> list[tuple[int, ...]]:
   return found
 
 
-def test_data_parallel_step_moves_no_activations():
-  compiled, _ = official_views_step("v5e:2x2", (("data", -1),), batch_size=16)
+@pytest.mark.parametrize("mesh", [(("data", -1),), (("data", 2), ("tensor", 2))],
+                         ids=["data", "data+tensor"])
+def test_data_and_head_parallel_steps_move_no_activations(mesh):
+  # Data parallel: only gradient and statistics all-reduces. Tensor parallel by heads: the
+  # Megatron all-reduces after proj and fc2 too, and nothing else (no heads re-split).
+  compiled, _ = official_views_step("v5e:2x2", mesh, batch_size=16)
   text = compiled.as_text()
   counts = aot.collective_counts(text)
   assert counts["all-to-all"] == 0 and counts["collective-permute"] == 0, counts
-  assert counts["all-reduce"] > 0  # the gradients (and BatchNorm / Sinkhorn statistics)
+  assert counts["all-reduce"] > 0
   assert aot.collective_bytes(text)["all-gather"] <= 64 * 1024  # per-example labels at most
 
 

@@ -107,3 +107,53 @@ def test_load_encoder_errors_name_the_path(tmp_path):
     load_encoder(str(tmp_path / "nowhere"))
   with pytest.raises(ValueError, match="features='mean' is not one of"):
     load_encoder(str(tmp_path / "nowhere"), features="mean")
+
+
+def flattened_qkv(tree):
+  """`tree` as a writer before the qkv heads axis saved it: qkv kernels [.., width, 3 * width],
+  biases [.., 3 * width] (the same numbers)."""
+  def flat(path, x):
+    if "qkv/" not in sharding.path_string(path):
+      return x
+    return np.asarray(x).reshape(*x.shape[:-3], -1)
+  return jax.tree_util.tree_map_with_path(flat, tree)
+
+
+def test_checkpoints_with_flat_qkv_kernels_restore_into_the_heads_layout(tmp_path):
+  config = small_config()
+  config.mesh = (("data", 2), ("fsdp", 2), ("tensor", 2))
+  mesh = sharding.make_mesh(config.mesh)
+  _, _, abstract, shardings, state = build_state(config, mesh)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), keep=1)
+  ckpt.save(4, flattened_qkv(state))
+  ckpt.close()
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), keep=1)
+  restored = ckpt.restore(4, checkpoint.abstract_with_shardings(abstract, shardings))
+  ckpt.close()
+  qkv = restored.params["online"]["encoder"]["blocks"]["qkv"]["kernel"][...]
+  assert qkv.ndim == 5 and qkv.sharding.spec[3] == "tensor"  # heads split over tensor
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert a.sharding == b.sharding
+
+
+def test_version_1_exports_with_flat_qkv_kernels_still_load(tmp_path):
+  config = small_config()
+  mesh = sharding.make_mesh(config.mesh)
+  graphdef, vit_cfg, _, _, state = build_state(config, mesh)
+  model = nnx.merge(graphdef, state.params, state.target, state.batch_stats)
+  encoder_state = nnx.state(model.target.encoder)
+  checkpoint.export_encoder(str(tmp_path / "v2"), encoder_state, vit_cfg, config.data.mean,
+                            config.data.std)
+  # The same encoder as version 1 wrote it.
+  checkpoint.export_encoder(str(tmp_path / "v1"), encoder_state, vit_cfg, config.data.mean,
+                            config.data.std)
+  import orbax.checkpoint as ocp
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(tmp_path / "v1" / "params", flattened_qkv(encoder_state.to_pure_dict()),
+              force=True)
+  meta = (tmp_path / "v1" / "model_config.json")
+  meta.write_text(meta.read_text().replace("pmsn_jax.encoder.v2", "pmsn_jax.encoder.v1"))
+  images = np.random.default_rng(0).integers(0, 256, (3, 28, 28, 1), dtype=np.uint8)
+  np.testing.assert_array_equal(np.asarray(load_encoder(str(tmp_path / "v1"))(images)),
+                                np.asarray(load_encoder(str(tmp_path / "v2"))(images)))

@@ -33,7 +33,9 @@ def test_every_size_and_patch_builds(variant):
   size, patch = vit.parse_variant(variant)
   cfg = vit.ViTConfig(**size, patch_size=patch, image_size=patch * 4)
   model = nnx.eval_shape(lambda: vit.ViT(cfg, rngs=nnx.Rngs(0)))
-  assert model.blocks.qkv.kernel.shape == (size["depth"], size["width"], 3 * size["width"])
+  heads = size["num_heads"]
+  assert model.blocks.qkv.kernel.shape == (size["depth"], size["width"], 3, heads,
+                                           size["width"] // heads)
 
 
 @pytest.mark.parametrize("bad", ["S", "S/5", "XL/16", "", "s/16"])
@@ -100,7 +102,10 @@ def numpy_vit(model: vit.ViT, images: np.ndarray) -> np.ndarray:
   erf = np.vectorize(__import__("math").erf)
   for i in range(cfg.depth):
     linear = lambda x, layer: x @ par(layer.kernel)[i] + par(layer.bias)[i]  # noqa: E731
-    q, k, v = np.split(linear(norm(x, blocks.norm1, i), blocks.qkv), 3, axis=-1)
+    # qkv's kernel [width, 3, heads, head_dim] is DeiT's [width, 3 * width] by another name.
+    qkv = (norm(x, blocks.norm1, i) @ par(blocks.qkv.kernel)[i].reshape(cfg.width, -1)
+           + par(blocks.qkv.bias)[i].reshape(-1))
+    q, k, v = np.split(qkv, 3, axis=-1)
     q, k, v = (a.reshape(batch, -1, heads, head_dim) for a in (q, k, v))
     logits = np.einsum("bqnh,bknh->bnqk", q, k) / np.sqrt(head_dim)
     weights = np.exp(logits - logits.max(-1, keepdims=True))

@@ -133,6 +133,10 @@ def test_append_file_on_an_object_store_keeps_earlier_rows(gcs, monkeypatch):
   follow the earlier ones, and rows reach the bucket at flush()."""
   for key, value in gcs.env.items():
     monkeypatch.setenv(key, value)
+  # etils.epath decides once per process whether gs:// goes through TensorFlow (which cannot
+  # reach the emulator) or gcsfs; earlier tests in this worker may have decided already.
+  from etils.epath import gpath
+  monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
   url = f"gs://{BUCKET}/append/m.jsonl"
   f = paths.AppendFile(url, sync_seconds=3600)
   f.write("1\n")

@@ -58,9 +58,12 @@ def qkv_spec(state):
 
 def test_fsdp_and_tensor_parallel_match_data_parallel():
   reference, ref_metrics = two_steps(small_config())
-  assert qkv_spec(reference) == P(None, None, None)
-  for mesh, spec in [((("data", 2), ("fsdp", 4), ("tensor", 1)), P(None, "fsdp", None)),
-                     ((("data", 2), ("fsdp", 2), ("tensor", 2)), P(None, "fsdp", "tensor"))]:
+  # qkv kernels are [layers, width, 3, heads, head_dim]: tensor parallelism splits the heads.
+  assert qkv_spec(reference) == P(None, None, None, None, None)
+  for mesh, spec in [((("data", 2), ("fsdp", 4), ("tensor", 1)),
+                      P(None, "fsdp", None, None, None)),
+                     ((("data", 2), ("fsdp", 2), ("tensor", 2)),
+                      P(None, "fsdp", None, "tensor", None))]:
     state, metrics = two_steps(small_config(mesh))
     assert qkv_spec(state) == spec, mesh
     np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
@@ -90,13 +93,24 @@ def test_rules():
       None, None, "fsdp")
   with pytest.raises(ValueError, match="cannot be split"):
     spec("params/online/encoder/blocks/fc1/kernel", (2, 30, 64))
+  # Tensor parallelism splits attention by heads: qkv kernels [layers, width, 3, heads, dim].
+  mesh = sharding.make_mesh((("data", 1), ("fsdp", 4), ("tensor", 2)))
+  spec = lambda path, shape: sharding.spec_for(path, shape, mesh, fsdp_min_size=16)  # noqa
+  assert spec("params/online/encoder/blocks/qkv/kernel", (2, 32, 3, 4, 8)) == P(
+      None, "fsdp", None, "tensor", None)
+  assert spec("params/online/encoder/blocks/qkv/bias", (2, 3, 4, 8)) == P(
+      None, None, "tensor", None)
+  assert spec("params/online/encoder/blocks/proj/kernel", (2, 32, 32)) == P(
+      None, "tensor", "fsdp")
+  with pytest.raises(ValueError, match="cannot be split"):  # 3 heads over 2 devices
+    spec("params/online/encoder/blocks/qkv/kernel", (2, 24, 3, 3, 8))
 
 
 def test_checkpoint_restores_onto_other_topologies(tmp_path):
   devices = jax.devices()
   fsdp8 = small_config((("data", 1), ("fsdp", 8), ("tensor", 1)))
   _, _, _, _, _, _, state = built(fsdp8)
-  assert qkv_spec(state) == P(None, "fsdp", None)
+  assert qkv_spec(state) == P(None, "fsdp", None, None, None)
   ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), keep=1)
   ckpt.save(3, state)
   ckpt.close()
@@ -125,7 +139,7 @@ def test_checkpoint_from_one_device_restores_sharded_on_eight(tmp_path):
   ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), keep=1)
   restored = ckpt.restore(1, checkpoint.abstract_with_shardings(abstract, shardings))
   ckpt.close()
-  assert qkv_spec(restored) == P(None, "fsdp", "tensor")
+  assert qkv_spec(restored) == P(None, "fsdp", None, "tensor", None)
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

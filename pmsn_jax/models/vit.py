@@ -146,17 +146,22 @@ class Block(nnx.Module):
     dtype = jnp.dtype(cfg.dtype)
     self.num_heads = cfg.num_heads
     self.norm1 = nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
-    self.qkv = nnx.Linear(dim, 3 * dim, use_bias=True, dtype=dtype, rngs=rngs)  # DeiT qkv_bias
+    # [D] -> [3, heads, head_dim] (DeiT's qkv with bias, its output columns kept as the
+    # (q|k|v, head, channel) axes they are): tensor parallelism splits the heads axis, so each
+    # shard holds whole heads (sharding.DEFAULT_RULES).
+    self.qkv = nnx.LinearGeneral(dim, (3, cfg.num_heads, dim // cfg.num_heads), use_bias=True,
+                                 dtype=dtype, rngs=rngs)
     self.proj = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)
     self.norm2 = nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
     self.fc1 = nnx.Linear(dim, hidden, dtype=dtype, rngs=rngs)
     self.fc2 = nnx.Linear(hidden, dim, dtype=dtype, rngs=rngs)
 
   def attention(self, qkv: jax.Array, crops: int, tokens: int, cls_only: bool) -> jax.Array:
-    """[B, crops*tokens, 3D] -> multi-head self-attention within each crop: [B, crops*tokens,
-    D], or with `cls_only` [B, crops, D], the CLS queries alone (all tokens' keys and values)."""
-    batch, dim = qkv.shape[0], qkv.shape[-1] // 3
-    qkv = qkv.reshape(batch * crops, tokens, 3, self.num_heads, dim // self.num_heads)
+    """[B, crops*tokens, 3, heads, head_dim] -> multi-head self-attention within each crop:
+    [B, crops*tokens, D], or with `cls_only` [B, crops, D], the CLS queries alone (all tokens'
+    keys and values)."""
+    batch, dim = qkv.shape[0], qkv.shape[-2] * qkv.shape[-1]
+    qkv = qkv.reshape(batch * crops, tokens, *qkv.shape[2:])
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if not cls_only:
       return jax.nn.dot_product_attention(q, k, v).reshape(batch, crops * tokens, dim)
