@@ -3,8 +3,10 @@
 800 epochs of the 437,513 long-tailed train images at global batch 1024 (64 x 16 devices).
 Run (a pod; see launch/README.md):
   python -m pmsn_jax.main --config=configs/pmsn_vits16_inat18.py --workdir=gs://BUCKET/pmsn_s16
-Train state (params + AdamW moments + EMA, benchmarks/sharding_memory.py): 418 MiB, so pure
-data parallelism fits any accelerator.
+Pure data parallelism. Compiled for a v4-32, v5e-16 and v5p-32 (python -m pmsn_jax.aot
+--config=configs/pmsn_vits16_inat18.py --topology=v4:2x2x4 | v5e:4x4 | v5p:2x2x4; docs/tpu.md):
+14.24, 14.06 and 14.55 GiB per chip; on 4 chips (v4-8) the 256 images per chip need
+--config.model.remat=True or FSDP.
 The arg `msn` gives the MSN baseline of the same recipe:
   python -m pmsn_jax.main --config=configs/pmsn_vits16_inat18.py:msn --workdir=gs://BUCKET/msn_s16
 """

@@ -52,6 +52,7 @@ def test_preflight_of_the_smoke_config_fits_and_reports_everything():
   assert status == 0
   text = "\n".join(lines)
   assert "4 TPU v5e chips" in text and "bfloat16" in text  # compute_dtype "auto" on TPU
+  assert "warning" not in text  # data parallel: no loops of XLA's hide FLOPs from the count
   assert re.search(r"^collectives: all-gather=[\d.]+GB all-reduce=[\d.]+GB reduce-scatter="
                    r"[\d.]+GB all-to-all=0\.000GB collective-permute=0\.000GB$", text, re.M)
   fields = dict(item.split("=") for item in lines[-1].split())
@@ -122,3 +123,20 @@ def test_fsdp_moves_only_parameters_and_temporaries_fall_with_chips():
   temp4 = on4.memory_analysis().temp_size_in_bytes
   temp8 = on8.memory_analysis().temp_size_in_bytes
   assert temp8 < 0.6 * temp4, (temp4, temp8)
+
+
+def test_without_libtpu_the_cli_says_how_to_install_it(monkeypatch):
+  monkeypatch.setitem(sys.modules, "libtpu", None)  # `import libtpu` raises ImportError
+  with pytest.raises(aot.UserError, match=r'pip install "jax\[tpu\]"'):
+    aot.topology_devices("v5e:2x2")
+
+
+def test_multi_slice_mesh_keeps_fsdp_within_a_slice_and_splits_data_over_slices():
+  devices = aot.topology_devices("v5e:2x2", num_slices=2)
+  mesh = sharding.make_mesh((("data", -1), ("fsdp", 2)), devices)
+  assert dict(mesh.shape) == {"data": 4, "fsdp": 2}
+  slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+  assert all(len(set(row)) == 1 for row in slices)  # fsdp collectives stay on ICI
+  assert sorted(set(slices[:, 0])) == [0, 1]  # only the data axis crosses the DCN
+  with pytest.raises(ValueError, match="multiple of the 2 slices"):
+    sharding.make_mesh((("data", 1), ("fsdp", -1)), devices)
