@@ -82,6 +82,7 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16
 # result is the collective's output; the -start half would count it twice).
 _COLLECTIVE_LINE = re.compile(
     r"=\s*(?P<shape>.+?)\s+(?P<op>" + "|".join(COLLECTIVES) + r")(?P<done>-done)?\(")
+_COLLECTIVE_START = re.compile(r"\b(" + "|".join(COLLECTIVES) + r")-start\(")
 _ARRAY = re.compile(r"\b(?P<dtype>[a-z]+\d*)\[(?P<dims>[\d,]*)\]")
 
 
@@ -129,24 +130,29 @@ def array_bytes(shape_text: str) -> int:
   return total
 
 
-def collective_bytes(hlo_text: str) -> dict[str, int]:
-  """Per chip: the bytes each kind of collective produces in a compiled HLO module, summed
-  over its instructions (each executed once: see the module docstring for scanned loops)."""
-  totals = dict.fromkeys(COLLECTIVES, 0)
+def collective_ops(hlo_text: str):
+  """(kind, result bytes) of every collective instruction of a compiled HLO module, counting
+  an async pair once (its -done half)."""
   for line in hlo_text.splitlines():
     match = _COLLECTIVE_LINE.search(line)
-    if match and not re.search(r"\b(" + "|".join(COLLECTIVES) + r")-start\(", line):
-      totals[match["op"]] += array_bytes(match["shape"])
+    if match and not _COLLECTIVE_START.search(line):
+      yield match["op"], array_bytes(match["shape"])
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+  """Per chip: the bytes each kind of collective produces in a compiled module, summed over
+  its instructions (each executed once: see the module docstring for scanned loops)."""
+  totals = dict.fromkeys(COLLECTIVES, 0)
+  for kind, size in collective_ops(hlo_text):
+    totals[kind] += size
   return totals
 
 
 def collective_counts(hlo_text: str) -> dict[str, int]:
   """How many instructions of each collective a compiled module holds."""
   counts = dict.fromkeys(COLLECTIVES, 0)
-  for line in hlo_text.splitlines():
-    match = _COLLECTIVE_LINE.search(line)
-    if match and not re.search(r"\b(" + "|".join(COLLECTIVES) + r")-start\(", line):
-      counts[match["op"]] += 1
+  for kind, _ in collective_ops(hlo_text):
+    counts[kind] += 1
   return counts
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from pmsn_jax import sharding, step
+from pmsn_jax import checkpoint, sharding, step
 from pmsn_jax.models import vit
 
 
@@ -78,8 +78,7 @@ def build(config, mesh: Mesh, platform: str | None = None) -> Program:
   abstract_state = jax.eval_shape(create_state)
   shardings = sharding.state_shardings(abstract_state, mesh, config.partition_rules,
                                        config.fsdp_min_size)
-  abstract_state = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings)
+  abstract_state = checkpoint.abstract_with_shardings(abstract_state, shardings)
   return Program(config, mesh, vit_cfg, graphdef, tx, schedules, create_state, abstract_state,
                  shardings)
 
