@@ -31,6 +31,7 @@ The last stdout line is machine-readable:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import sys
@@ -118,33 +119,33 @@ def topology_devices(topology: str, num_slices: int = 1) -> list:
                     f"{TOPOLOGY_EXAMPLES}") from None
 
 
+def array_shapes(shape_text: str) -> list[tuple[str, tuple[int, ...]]]:
+  """(dtype, dims) of each array in an HLO shape, e.g. 'bf16[8,128]{1,0}' or a tuple."""
+  return [(m["dtype"], tuple(int(d) for d in m["dims"].split(",") if d))
+          for m in _ARRAY.finditer(shape_text)]
+
+
 def array_bytes(shape_text: str) -> int:
-  """Bytes of an HLO shape, e.g. 'bf16[8,128]{1,0}' or a tuple of them."""
-  total = 0
-  for match in _ARRAY.finditer(shape_text):
-    dims = [int(d) for d in match["dims"].split(",") if d]
-    size = 1
-    for d in dims:
-      size *= d
-    total += size * _DTYPE_BYTES.get(match["dtype"], 4)
-  return total
+  """Bytes of an HLO shape (all its arrays)."""
+  return sum(math.prod(dims) * _DTYPE_BYTES.get(dtype, 4)
+             for dtype, dims in array_shapes(shape_text))
 
 
 def collective_ops(hlo_text: str):
-  """(kind, result bytes) of every collective instruction of a compiled HLO module, counting
-  an async pair once (its -done half)."""
+  """(kind, result shape text) of every collective instruction of a compiled HLO module,
+  counting an async pair once (its -done half)."""
   for line in hlo_text.splitlines():
     match = _COLLECTIVE_LINE.search(line)
     if match and not _COLLECTIVE_START.search(line):
-      yield match["op"], array_bytes(match["shape"])
+      yield match["op"], match["shape"]
 
 
 def collective_bytes(hlo_text: str) -> dict[str, int]:
   """Per chip: the bytes each kind of collective produces in a compiled module, summed over
   its instructions (each executed once: see the module docstring for scanned loops)."""
   totals = dict.fromkeys(COLLECTIVES, 0)
-  for kind, size in collective_ops(hlo_text):
-    totals[kind] += size
+  for kind, shape in collective_ops(hlo_text):
+    totals[kind] += array_bytes(shape)
   return totals
 
 

@@ -83,14 +83,9 @@ def official_views_step(topology: str, mesh, batch_size: int, depth: int = 2):
 
 def moved_arrays(hlo_text: str, op: str) -> list[tuple[int, ...]]:
   """Dims (size-1 dims dropped) of every `op` result in a compiled module."""
-  pattern = re.compile(r"=\s*(\S+)\s+" + op + r"(-done)?\(")
-  found = []
-  for line in hlo_text.splitlines():
-    match = pattern.search(line)
-    if match:
-      for dims in re.findall(r"\[([\d,]*)\]", match[1]):
-        found.append(tuple(int(d) for d in dims.split(",") if d and int(d) > 1))
-  return found
+  return [tuple(d for d in dims if d > 1)
+          for kind, shape in aot.collective_ops(hlo_text) if kind == op
+          for _, dims in aot.array_shapes(shape)]
 
 
 @pytest.mark.parametrize("mesh", [(("data", -1),), (("data", 2), ("tensor", 2))],
