@@ -32,7 +32,10 @@ class Program:
   schedules: object
   create_state: Callable[[], step.TrainState]
   abstract_state: step.TrainState      # ShapeDtypeStructs carrying the state shardings
-  state_shardings: step.TrainState
+
+  @property
+  def state_shardings(self) -> step.TrainState:
+    return jax.tree.map(lambda x: x.sharding, self.abstract_state)
 
   @property
   def replicated(self) -> NamedSharding:
@@ -78,9 +81,8 @@ def build(config, mesh: Mesh, platform: str | None = None) -> Program:
   abstract_state = jax.eval_shape(create_state)
   shardings = sharding.state_shardings(abstract_state, mesh, config.partition_rules,
                                        config.fsdp_min_size)
-  abstract_state = checkpoint.abstract_with_shardings(abstract_state, shardings)
-  return Program(config, mesh, vit_cfg, graphdef, tx, schedules, create_state, abstract_state,
-                 shardings)
+  return Program(config, mesh, vit_cfg, graphdef, tx, schedules, create_state,
+                 checkpoint.abstract_with_shardings(abstract_state, shardings))
 
 
 def target_encoder(graphdef, state: step.TrainState, features: str = "cls"):
