@@ -31,7 +31,7 @@ from flax import nnx  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 import step_setup  # noqa: E402  (benchmarks/, beside this file)
-from pmsn_jax import losses, step  # noqa: E402
+from pmsn_jax import losses, photometric, step  # noqa: E402
 from pmsn_jax.models import vit  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
@@ -59,6 +59,7 @@ def main(argv):
   graphdef, tx, scheds, create_state = step.build(config, vit_cfg)
   state = jax.jit(create_state)()
   batch = jax.tree.map(jnp.asarray, step_setup.random_host_batch(config))
+  batch = photometric.batch_views(batch, config.data)  # the model's parts see float views
   d, b = config.data, config.batch_size
   keys = iter(jax.random.split(jax.random.key(0), 3))
   rng = jax.random.key(1)

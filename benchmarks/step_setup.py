@@ -19,15 +19,20 @@ from pmsn_jax.models import vit
 
 
 def random_host_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
-  """A global batch of step.abstract_batch's shapes on the host: standard-normal views, labels
-  in [0, 10) and the config's cluster prior."""
+  """A global batch of step.abstract_batch's shapes on the host: uniformly random uint8 views
+  (or standard-normal float ones, for trees older than the uint8 pipeline) and photometric
+  random numbers, labels in [0, 10) and the config's cluster prior."""
   rng = np.random.default_rng(seed)
   batch = {}
   for key, spec in step.abstract_batch(config).items():
     if key == "prior":
       batch[key] = step.prior_from_config(config).astype(spec.dtype)
+    elif spec.dtype == np.uint8:
+      batch[key] = rng.integers(0, 256, spec.shape, dtype=spec.dtype)
     elif np.issubdtype(spec.dtype, np.integer):
       batch[key] = rng.integers(0, 10, spec.shape, dtype=spec.dtype)
+    elif key == "photometric":
+      batch[key] = rng.random(spec.shape, dtype=spec.dtype)
     else:
       batch[key] = rng.standard_normal(spec.shape, dtype=spec.dtype)
   return batch

@@ -313,6 +313,10 @@ def preflight(config, topology: str, num_slices: int = 1, *, out=print) -> int:
       f" -> step >= {estimate.step_s * 1e3:.1f} ms ({estimate.bound}-bound), "
       f"{img_per_s:.0f} img/s, MFU {estimate.mfu:.2f}; {config.total_steps} steps in "
       f">= {config.total_steps * estimate.step_s / 3600:.1f} h")
+  views = roofline(costs_of(prog.lower_device_views().compile()), chip)
+  out(f"of which the on-device views (colour jitter, grayscale, blur, normalisation of the "
+      f"uint8 views): >= {views.step_s * 1e3:.2f} ms ({views.bound}-bound), "
+      f"{100 * views.step_s / estimate.step_s:.1f}% of the step")
   out(_last_line(topology, len(devices), per_chip / GiB, chip.hbm_gib, fits, img_per_s,
                  estimate.mfu))
   if not fits:

@@ -35,11 +35,13 @@ class MetricWriter:
       logging.warning("TensorBoard off: %s; the same scalars are in metrics.jsonl", why_not)
     self._tb = None if why_not else tf.summary.create_file_writer(tb_dir)
 
-  def write(self, step: int, scalars: dict[str, float]) -> None:
+  def write(self, step: int, scalars: dict[str, float | list[float]]) -> None:
+    """Scalars go to both sinks; lists (a figure per host) to metrics.jsonl only."""
     if not self.active:
       return
-    scalars = {k: float(v) for k, v in scalars.items()}
-    self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
+    lists = {k: [float(x) for x in v] for k, v in scalars.items() if isinstance(v, list)}
+    scalars = {k: float(v) for k, v in scalars.items() if k not in lists}
+    self._jsonl.write(json.dumps({"step": int(step), **scalars, **lists}) + "\n")
     if self._tb is not None:
       with self._tb.as_default():
         for name, value in scalars.items():
@@ -103,5 +105,7 @@ def format_line(step: int, total: int, scalars: dict[str, float]) -> str:
           f"ce {scalars.get('ce', math.nan):.4f}  reg {scalars.get('reg', math.nan):.4f}  "
           f"protos {scalars.get('prototypes_in_use', math.nan):.0f}  "
           f"{scalars.get('img_per_s', math.nan):.1f} img/s  ETA {eta_txt}"
+          + (f"  input wait {scalars['input_wait_pct']:.1f}%"
+             if "input_wait_pct" in scalars else "")
           + (f"  skipped {scalars['skipped_images']:.0f} unreadable images"
              if scalars.get("skipped_images") else ""))

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from pmsn_jax import checkpoint, sharding, step
+from pmsn_jax import checkpoint, photometric, sharding, step
 from pmsn_jax.models import vit
 
 
@@ -60,6 +60,16 @@ class Program:
         donate_argnums=0)
     with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
       return train_step.lower(self.abstract_state, inputs)
+
+  def lower_device_views(self) -> jax.stages.Lowered:
+    """The train step's first part alone: the photometric ops that turn the batch's uint8
+    views into normalised float32 ones (photometric.batch_views), for its share of the step."""
+    inputs = step.abstract_batch(self.config, self.batch_sharding)
+    inputs = {k: inputs[k] for k in ("target", "anchor", "focal", "photometric")}
+    views = jax.jit(lambda batch: photometric.batch_views(batch, self.config.data),
+                    out_shardings=self.batch_sharding)
+    with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+      return views.lower(inputs)
 
   def lower_eval_forward(self) -> jax.stages.Lowered:
     """The target encoder on one evaluation batch (config.eval.batch_size centre crops,

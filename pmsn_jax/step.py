@@ -17,6 +17,7 @@ from flax import nnx
 
 from pmsn_jax import losses
 from pmsn_jax import schedules as schedules_lib
+from pmsn_jax import photometric
 from pmsn_jax.models import msn
 
 
@@ -108,20 +109,22 @@ def prior_from_config(config) -> np.ndarray:
 
 
 # What the step takes from each pipeline batch; "label" only feeds the diagnostics.
-BATCH_KEYS = ("target", "anchor", "focal", "label")
+BATCH_KEYS = ("target", "anchor", "focal", "photometric", "label")
 
 
 def abstract_batch(config, batch_sharding=None, prior_sharding=None
                    ) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shapes of the global batch the step is compiled for: the pipeline's BATCH_KEYS, and the
-  cluster prior [K], replicated (an input, so that prior = "fit" can change its value)."""
+  """Shapes of the global batch the step is compiled for: the pipeline's BATCH_KEYS (uint8
+  views and their photometric random numbers, see photometric.py), and the cluster prior
+  [K], replicated (an input, so that prior = "fit" can change its value)."""
   d, b = config.data, config.batch_size
-  view = lambda *shape: jax.ShapeDtypeStruct((b, *shape), np.float32,  # noqa: E731
-                                             sharding=batch_sharding)
-  return {"target": view(d.image_size, d.image_size, d.channels),
-          "anchor": view(d.image_size, d.image_size, d.channels),
-          "focal": view(d.num_focal, d.focal_size, d.focal_size, d.channels),
-          "label": jax.ShapeDtypeStruct((b,), np.int32, sharding=batch_sharding),
+  batched = lambda dtype, *shape: jax.ShapeDtypeStruct(  # noqa: E731
+      (b, *shape), dtype, sharding=batch_sharding)
+  return {"target": batched(np.uint8, d.image_size, d.image_size, d.channels),
+          "anchor": batched(np.uint8, d.image_size, d.image_size, d.channels),
+          "focal": batched(np.uint8, d.num_focal, d.focal_size, d.focal_size, d.channels),
+          "photometric": batched(np.float32, 2 + d.num_focal, len(photometric.COLUMNS)),
+          "label": batched(np.int32),
           "prior": jax.ShapeDtypeStruct((config.model.num_prototypes,), np.float32,
                                         sharding=prior_sharding)}
 
@@ -162,9 +165,11 @@ def make_loss_fn(graphdef, config):
 def make_train_step(graphdef, tx, schedules, config):
   """Returns train_step(state, batch) -> (state, metrics, aux) for jax.jit.
 
-  batch: the views ("target", "anchor", "focal"), "prior" (the [K] cluster prior, an input:
-    only its shape, dtype and sharding are compiled in, so prior = "fit" swaps the uniform
-    warm-up prior for the fitted one without recompiling) and optionally "label".
+  batch: the uint8 views ("target", "anchor", "focal") with their "photometric" random
+    numbers, which the step first turns into normalised views (photometric.py); "prior" (the
+    [K] cluster prior, an input: only its shape, dtype and sharding are compiled in, so prior
+    = "fit" swaps the uniform warm-up prior for the fitted one without recompiling); and
+    optionally "label".
   aux: the [K] prototype-usage vectors and [B] hard assignments of losses.pmsn_loss_with_aux,
     plus batch["label"] as "labels" when the batch has it, for the diagnostics at log steps.
     Labels go through the step so assignments and labels come back in the same global row
@@ -175,6 +180,7 @@ def make_train_step(graphdef, tx, schedules, config):
   base_key = jax.random.key(config.seed)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    batch = photometric.batch_views(batch, config.data)  # uint8 -> normalised float32 views
     # Masks are a pure function of (seed, step): resuming at step t replays them exactly.
     rng = jax.random.fold_in(base_key, state.step)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

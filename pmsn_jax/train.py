@@ -15,11 +15,12 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
 
 from pmsn_jax import (checkpoint, diagnostics, metrics, paths, prior_fit, program, sharding,
                       step, validation)
-from pmsn_jax.data import pipeline, sampling, sources
+from pmsn_jax.data import feeding, pipeline, sampling, sources
 from pmsn_jax.evals import suite
 from pmsn_jax.preemption import Preempted, PreemptionWatch
 
@@ -248,10 +249,17 @@ def _train_and_evaluate(config, workdir: str) -> dict:
 
   # ---------------------------------------------------------------------- loop
   save_config(config, workdir)  # every check has passed: the run is starting
-  batches = pipeline.train_batches(
+  host_batches = pipeline.train_batches(
       pretrain, config.data, global_batch_size=config.batch_size, seed=config.seed,
       start_step=start_step, process_index=jax.process_index(),
       process_count=jax.process_count(), batch_class_skew=config.data.batch_class_skew)
+  # The next two global batches go to the devices while a step runs (data/feeding.py).
+  batches = feeding.DevicePrefetch(
+      host_batches, lambda b: sharding.to_global({k: b[k] for k in step.BATCH_KEYS}, mesh),
+      extras=lambda b: {"skipped": int(b["skipped"].sum())})
+  input_meter = feeding.InputWaitMeter(config.batch_size // jax.process_count())
+  gather = multihost_utils.process_allgather if jax.process_count() > 1 else None
+  input_bound_warned = False
   writer = metrics.MetricWriter(workdir)
   prototypes_file = (paths.AppendFile(paths.path(workdir) / diagnostics.PROTOTYPES_FILE)
                      if jax.process_index() == 0 else None)
@@ -266,11 +274,11 @@ def _train_and_evaluate(config, workdir: str) -> dict:
 
   try:
     for current in range(start_step + 1, config.total_steps + 1):
-      batch = next(batches)
-      skipped_images += int(batch["skipped"].sum())
-      batch = sharding.to_global({k: batch[k] for k in step.BATCH_KEYS}, mesh)
+      batch, extras = input_meter.wait_for_input(lambda: next(batches))
+      skipped_images += extras["skipped"]
       batch["prior"] = prior  # already on the devices: no transfer
       state, step_metrics, step_aux = train_step(state, batch)
+      input_meter.step_dispatched(step_metrics["loss"])
 
       log = current % config.log_every_steps == 0 or current == config.total_steps
       stop = preemption.requested(current)
@@ -286,7 +294,13 @@ def _train_and_evaluate(config, workdir: str) -> dict:
               f"non-finite {bad} at step {current}; the last good checkpoint is "
               f"{ckpt.latest_step()} (not overwritten). Lower optim.lr or check the data.")
       if log:
+        first_interval = progress.last_step == start_step
         scalars.update(progress.update(current), skipped_images=skipped_images)
+        scalars.update(feeding.per_host(input_meter.interval(), gather))
+        if scalars["input_wait_pct"] > INPUT_BOUND_PCT and not (
+            first_interval or input_bound_warned):  # the first interval warms tf.data up
+          input_bound_warned = True
+          say(input_bound_warning(scalars))
         # Prototype usage vs the prior: scalars to the writer, vectors to a JSONL file.
         proto_scalars, proto_record = diagnostics.summarize(
             current, jax.device_get(step_aux), priors.prior)
@@ -322,6 +336,8 @@ def _train_and_evaluate(config, workdir: str) -> dict:
         result = suite.evaluate(encode, None, eval_data, config, mesh, linear_probe=False)
         writer.write(current, suite.scalars(result))
   finally:
+    batches.close()
+    input_meter.close()
     ckpt.close()  # never leave with an async save in flight
     preemption.close()
     writer.flush()  # on a URL workdir, rows since the last sync (e.g. before a NaN stop)
@@ -349,6 +365,18 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   writer.close()
   say(f"peak resident memory of this process: {peak_rss_mib():.0f} MiB")
   return result
+
+
+INPUT_BOUND_PCT = 5.0  # Input wait, in % of the wall time, that is worth a warning.
+
+
+def input_bound_warning(scalars) -> str:
+  return (f"warning: input-bound: the devices waited {scalars['input_wait_pct']:.0f}% of the "
+          f"time ({scalars['input_wait_ms']:.0f} ms per step) for host "
+          f"{scalars['input_slowest_host']:.0f}'s batches, which delivers "
+          f"{scalars['host_img_per_s']:.0f} img/s; levers: more CPU cores per host, images stored "
+          f"smaller (long side <= 512 px decodes ~2x faster), data nearer the hosts "
+          f"(docs/data.md, Feeding the chips)")
 
 
 def peak_rss_mib() -> float:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pmsn_jax.data import augment, pipeline, sampling, sources
+from pmsn_jax.data import augment, pipeline, sampling, sources, view_format
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -159,8 +159,10 @@ def test_make_views_shapes_and_determinism():
   views = {k: v.numpy() for k, v in augment.make_views(image, [1, 2], cfg).items()}
   assert views["target"].shape == views["anchor"].shape == (28, 28, 1)
   assert views["focal"].shape == (6, 16, 16, 1)
-  for v in views.values():
-    assert v.dtype == np.float32 and np.all(np.isfinite(v))
+  assert all(views[k].dtype == np.uint8 for k in ("target", "anchor", "focal"))
+  assert views["photometric"].shape == (8, len(view_format.COLUMNS))
+  assert views["photometric"].dtype == np.float32
+  assert np.all((views["photometric"] >= 0) & (views["photometric"] < 1))
   assert not np.array_equal(views["target"], views["anchor"])  # Independent crops.
   again = augment.make_views(image, tf.constant([1, 2], tf.int64), cfg)
   other = augment.make_views(image, [1, 3], cfg)
@@ -177,7 +179,7 @@ def test_make_views_tiny_image(channels):
   views = augment.make_views(image, [0, 9], cfg)
   assert views["target"].shape == (12, 12, channels)
   assert views["focal"].shape == (3, 6, 6, channels)
-  assert all(np.all(np.isfinite(v.numpy())) for v in views.values())
+  assert views["photometric"].shape == (5, len(view_format.COLUMNS))
   empty = augment.make_views(image, [0, 9], view_cfg(num_focal=0, mean=(0.5,), std=(0.2,)))
   assert empty["focal"].shape == (0, 4, 4, channels)
 
@@ -216,7 +218,8 @@ def test_train_batches_shapes(run):
   batch = run[0]
   assert batch["target"].shape == batch["anchor"].shape == (4, 8, 8, 1)
   assert batch["focal"].shape == (4, 2, 4, 4, 1)
-  assert batch["target"].dtype == batch["focal"].dtype == np.float32
+  assert batch["target"].dtype == batch["focal"].dtype == np.uint8
+  assert batch["photometric"].shape == (4, 4, len(view_format.COLUMNS))
   assert batch["label"].dtype == np.int32 and batch["index"].dtype == np.int64
   assert np.array_equal(batch["label"], tiny_dataset().labels[batch["index"]])
 

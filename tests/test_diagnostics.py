@@ -268,11 +268,10 @@ def test_train_step_reads_the_prior_from_the_batch_and_returns_aux():
   k, b, d = config.model.num_prototypes, config.batch_size, config.data
   graphdef, tx, scheds, create_state = step.build(config, vit.vit_config_from(config))
   inner = step.make_train_step(graphdef, tx, scheds, config)
-  spec = lambda *shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
-  batch = {"target": spec(b, 28, 28, 1), "anchor": spec(b, 28, 28, 1),
-           "focal": spec(b, d.num_focal, 14, 14, 1), "label": spec(b, dtype=jnp.int32)}
+  batch = step.abstract_batch(config)
+  prior = batch.pop("prior")
   state = jax.eval_shape(create_state)
-  _, metrics, aux = jax.eval_shape(inner, state, dict(batch, prior=spec(k)))
+  _, metrics, aux = jax.eval_shape(inner, state, dict(batch, prior=prior))
   assert all(m.shape == () for m in metrics.values())
   assert {n: (a.shape, a.dtype) for n, a in aux.items()} == {
       "target_usage": ((k,), jnp.float32), "raw_target_usage": ((k,), jnp.float32),

@@ -46,11 +46,8 @@ def test_inat_tree_through_the_pipeline(tree):
   for b in batches:
     assert b["target"].shape == (4, 32, 32, 3) and b["anchor"].shape == (4, 32, 32, 3)
     assert b["focal"].shape == (4, 2, 16, 16, 3)
-    assert b["target"].dtype == np.float32 and np.all(np.isfinite(b["focal"]))
-    # Normalised pixels: (x - mean) / std with x in [0, 1].
-    lo = (0 - np.array(cfg.mean)) / np.array(cfg.std)
-    hi = (1 - np.array(cfg.mean)) / np.array(cfg.std)
-    assert np.all(b["target"] >= lo - 1e-5) and np.all(b["target"] <= hi + 1e-5)
+    assert b["target"].dtype == b["focal"].dtype == np.uint8
+    assert b["target"].std() > 10  # the images' content, not a constant fill
     assert np.array_equal(b["label"], data.labels[b["index"]])
   # 20 positions = one epoch of 20 rows: the corrupt row was replaced and counted, once.
   skipped = sum(int(b["skipped"].sum()) for b in batches)

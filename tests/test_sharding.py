@@ -33,11 +33,12 @@ def built(config, devices=None):
 
 
 def batch(config):
-  d, b = config.data, config.batch_size
+  """Random uint8 views and their photometric random numbers, as the pipeline ships them."""
   rng = np.random.default_rng(0)
-  return {"target": rng.standard_normal((b, 28, 28, 1), np.float32),
-          "anchor": rng.standard_normal((b, 28, 28, 1), np.float32),
-          "focal": rng.standard_normal((b, d.num_focal, 14, 14, 1), np.float32)}
+  specs = step.abstract_batch(config)
+  return {k: (rng.integers(0, 256, specs[k].shape, np.uint8) if specs[k].dtype == np.uint8
+              else rng.random(specs[k].shape, np.float32))
+          for k in ("target", "anchor", "focal", "photometric")}
 
 
 def two_steps(config):

@@ -18,6 +18,7 @@ Data stays in host memory (small datasets, see sources.py); TensorFlow never see
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -29,7 +30,6 @@ from pmsn_jax.data.sources import LabelledImages, TfdsImages
 
 _PREFETCH = 2  # Batches; a fixed depth, not AUTOTUNE, which can balloon host memory.
 _SPARES = 3  # Substitutes tried for an unreadable image file.
-_DECODE_PARALLELISM = 16  # Image files decoded at once per process.
 _SHUFFLE_BUFFER = 10_000  # Encoded records (~100 kB each for iNat) per process.
 
 
@@ -42,8 +42,10 @@ def train_batches(data: LabelledImages | ImageFiles | TfdsImages, cfg, *,
   `data` is in memory (LabelledImages), a catalog of image files (ImageFiles) or a streamed
   TFDS split (TfdsImages; see _tfds_views for its resume semantics).
   Yields dicts of numpy arrays with b = global_batch_size // process_count rows:
-  target/anchor float32 [b,S,S,C], focal float32 [b,F,s,s,C], label int32 [b] (diagnostics
-  only), index int64 [b] (row of `data`), skipped int32 [b] (unreadable files replaced).
+  target/anchor uint8 [b,S,S,C], focal uint8 [b,F,s,s,C] (cropped, resized, flipped),
+  photometric float32 [b,2+F,P] (their random numbers for the step's photometric ops,
+  pmsn_jax/photometric.py), label int32 [b] (diagnostics only), index int64 [b] (row of `data`),
+  skipped int32 [b] (unreadable files replaced).
   `cfg` holds the view fields of augment.make_views (and `channels` for image files).
   """
   if global_batch_size <= 0 or global_batch_size % process_count:
@@ -115,8 +117,19 @@ def _file_views(pairs: tf.data.Dataset, data: ImageFiles, cfg, seed: int):
     ds = tf.data.Dataset.from_tensor_slices((tf.fill([_SPARES + 1], position), tries, rows))
     return ds.map(attempt).ignore_errors().take(1)
 
-  return pairs.interleave(first_readable, cycle_length=_DECODE_PARALLELISM, block_length=1,
+  # One file per cycle element and block_length 1: the output order is the input order for
+  # any cycle_length, so sizing it to the host changes the speed, never the batches.
+  return pairs.interleave(first_readable, cycle_length=decode_parallelism(), block_length=1,
                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def decode_parallelism() -> int:
+  """Image files read and decoded at once by this process: one per core it may run on (a
+  TPU VM host has 100-240; a laptop 8), as tf.data's AUTOTUNE would size it."""
+  try:
+    return max(1, len(os.sched_getaffinity(0)))
+  except AttributeError:  # macOS has no affinity
+    return os.cpu_count() or 1
 
 
 def _tfds_views(data: TfdsImages, cfg, seed: int, first: int, process_index: int,
