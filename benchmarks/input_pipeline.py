@@ -1,11 +1,18 @@
 """Throughput of the multi-crop training input pipeline (pipeline.train_batches) on this host.
 
   python benchmarks/input_pipeline.py [--setting=official] [--jpeg_dir=/tmp/pmsn_jpegs]
+      [--cores=1,2]
   python benchmarks/input_pipeline.py --setting=demo [--step_img_per_s=220]
 
 Why: the train step only pays off if the host can feed it. This times the pipeline alone, as
 training calls it (same function, same config), in images/s: warm-up batches first (graph
 tracing, thread pools), then `--batches` batches per repeat, the best of `--repeats` reported.
+It also prints the bytes per image the step receives (the keys train.py sends to the devices).
+
+Scaling: with --cores=1,2 (the default: 1 and all of this machine's cores) each count runs in
+its own process pinned to that many cores (sched_setaffinity, which TensorFlow's thread pools
+and the pipeline's decode parallelism follow), so the per-core figure and how it scales come
+from one sitting.
 
   * official: configs/common.py's views (target + anchor 224, 10 focal 96, colour jitter,
     grayscale, 23-tap blur at 224) from JPEG files read through an ImageFiles catalog (each file
@@ -19,8 +26,8 @@ tracing, thread pools), then `--batches` batches per repeat, the best of `--repe
     demo's batch size, compared with the train step's img/s (`--step_img_per_s`, from
     benchmarks/train_step.py --config=configs/demo.py): a ratio > 1 means the pipeline keeps up.
 
-The last line is machine-readable:
-  setting=<s> img_per_s=<x> batch=<b> cores=<n>
+Each pinned run's last line is machine-readable:
+  setting=<s> img_per_s=<x> batch=<b> cores=<n> bytes_per_image=<y>
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from __future__ import annotations
 import glob
 import io
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +48,7 @@ from absl import app, flags  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from configs import common, demo  # noqa: E402
+from pmsn_jax import step  # noqa: E402
 from pmsn_jax.data import pipeline, sources  # noqa: E402
 from pmsn_jax.data.catalog import ImageFiles  # noqa: E402
 
@@ -58,6 +67,9 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timing repeats; the best is repor
 _STEP_IMG_PER_S = flags.DEFINE_float("step_img_per_s", 220.0, "demo: the train step's img/s "
                                      "on this machine (benchmarks/train_step.py), for the ratio.")
 _SEED = flags.DEFINE_integer("seed", 0, "Pipeline seed (and the synthetic images').")
+_CORES = flags.DEFINE_list("cores", [], "Core counts to time, each in a process pinned to that "
+                           "many cores; empty: 1 and all of them. One value: this process, "
+                           "pinned.")
 
 
 def write_jpegs(directory: str, count: int, seed: int) -> None:
@@ -133,9 +145,16 @@ def images_per_second(batches, batch: int, warmup: int, num: int, repeats: int) 
   return rates
 
 
-def run(setting: str, data, cfg, batch: int, what: str) -> float:
+def bytes_per_image(batch: dict) -> float:
+  """What the step receives per image: the step's keys of a pipeline batch."""
+  keys = [k for k in step.BATCH_KEYS if k in batch]
+  return sum(batch[k].nbytes for k in keys) / len(batch["label"])
+
+
+def run(setting: str, data, cfg, batch: int, what: str) -> tuple[float, float]:
   num = _BATCHES.value or (10 if setting == "official" else 40)
   batches = pipeline.train_batches(data, cfg, global_batch_size=batch, seed=_SEED.value)
+  per_image = bytes_per_image(next(batches))
   rates = images_per_second(batches, batch, _WARMUP.value, num, _REPEATS.value)
   print(f"setting={setting} data: {what}")
   print(f"views: {cfg.image_size}px x2 + {cfg.num_focal} x {cfg.focal_size}px, channels "
@@ -144,12 +163,56 @@ def run(setting: str, data, cfg, batch: int, what: str) -> float:
   print("img/s per repeat: " + " ".join(f"{r:.1f}" for r in rates))
   load = " ".join(f"{x:.2f}" for x in os.getloadavg())
   print(f"load average (1/5/15 min) after: {load}")
-  return max(rates)
+  print(f"to the devices: {per_image:,.0f} bytes per image ("
+        + ", ".join(f"{k} {str(v.dtype)}" for k, v in next(batches).items()
+                    if k in step.BATCH_KEYS) + ")")
+  return max(rates), per_image
+
+
+def usable_cores() -> list[int]:
+  return sorted(os.sched_getaffinity(0))
+
+
+def pinned_runs(counts: list[int], argv: list[str], jpeg_dir: str) -> None:
+  """Runs this script once per core count, pinned to that many cores, and sums up."""
+  cores = usable_cores()
+  rates = {}
+  for n in counts:
+    if not 1 <= n <= len(cores):
+      raise SystemExit(f"--cores={n}: this machine lets this process use {len(cores)} cores")
+    args = [a for a in argv[1:] if not a.startswith(("--cores", "--jpeg_dir"))]
+    command = [sys.executable, argv[0], f"--cores={n}", *args]
+    if jpeg_dir:
+      command.append(f"--jpeg_dir={jpeg_dir}")
+    print(f"--- {n} core(s): {' '.join(command[1:])}", flush=True)
+    out = subprocess.run(command, check=True, capture_output=True, text=True,
+                         preexec_fn=lambda n=n: os.sched_setaffinity(0, cores[:n])).stdout
+    print(out, end="", flush=True)
+    last = dict(kv.split("=", 1) for kv in out.strip().splitlines()[-1].split())
+    rates[n] = float(last["img_per_s"])
+  summary = ", ".join(f"{n} core(s) {r:.1f} img/s ({r / n:.1f} per core)"
+                      for n, r in rates.items())
+  print(f"scaling: {summary}")
+  if len(rates) > 1:
+    lo, hi = min(rates), max(rates)
+    print(f"{hi} cores give {rates[hi] / rates[lo]:.2f}x the img/s of {lo} (ideal {hi / lo:g}x)")
 
 
 def main(argv):
-  del argv
+  del argv  # absl has taken the flags out; pinned runs forward sys.argv's
   setting = _SETTING.value
+  counts = [int(c) for c in _CORES.value] or sorted({1, len(usable_cores())})
+  if len(counts) > 1:
+    if setting == "official" and not _JPEG_DIR.value:
+      with tempfile.TemporaryDirectory(prefix="pmsn_jpegs_") as tmp:
+        write_jpegs(tmp, _NUM_FILES.value, _SEED.value)
+        pinned_runs(counts, sys.argv, tmp)
+    else:
+      pinned_runs(counts, sys.argv, _JPEG_DIR.value)
+    return
+  if counts[0] > len(usable_cores()):
+    raise SystemExit(f"--cores={counts[0]}: only {len(usable_cores())} usable")
+  os.sched_setaffinity(0, usable_cores()[:counts[0]])
   if setting == "official":
     cfg = common.get_base_config().data
     cfg.channels = 3
@@ -162,16 +225,18 @@ def main(argv):
         print(f"wrote {_NUM_FILES.value} synthetic JPEGs to {directory} in "
               f"{time.perf_counter() - t:.1f}s")
       files = jpeg_catalog(directory)
-      best = run(setting, files, cfg, batch, f"{describe_jpegs(files)} in {directory}")
+      best, per_image = run(setting, files, cfg, batch,
+                            f"{describe_jpegs(files)} in {directory}")
   else:
     config = demo.get_config()
     cfg = config.data
     batch = _BATCH_SIZE.value or config.batch_size
     data, what = demo_images()
-    best = run(setting, data, cfg, batch, f"{what}, {len(data)} images")
+    best, per_image = run(setting, data, cfg, batch, f"{what}, {len(data)} images")
     print(f"pipeline/step ratio={best / _STEP_IMG_PER_S.value:.1f} (train step "
           f"{_STEP_IMG_PER_S.value:.0f} img/s from --step_img_per_s)")
-  print(f"setting={setting} img_per_s={best:.1f} batch={batch} cores={os.cpu_count()}")
+  print(f"setting={setting} img_per_s={best:.1f} batch={batch} "
+        f"cores={len(os.sched_getaffinity(0))} bytes_per_image={per_image:.0f}")
 
 
 if __name__ == "__main__":

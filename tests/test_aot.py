@@ -55,10 +55,23 @@ def test_preflight_of_the_smoke_config_fits_and_reports_everything():
   assert "warning" not in text  # data parallel: no loops of XLA's hide FLOPs from the count
   assert re.search(r"^collectives: all-gather=[\d.]+GB all-reduce=[\d.]+GB reduce-scatter="
                    r"[\d.]+GB all-to-all=0\.000GB collective-permute=0\.000GB$", text, re.M)
+  views = re.search(r"^of which the on-device views .*: >= ([\d.]+) ms .*, ([\d.]+)% of the step$",
+                    text, re.M)
+  assert views and float(views[1]) > 0 and 0 < float(views[2]) < 100
   fields = dict(item.split("=") for item in lines[-1].split())
   assert fields["topology"] == "v5e:2x2" and fields["chips"] == "4"
   assert fields["fits"] == "yes" and float(fields["capacity_gib"]) == 16
   assert 0 < float(fields["est_mfu"]) <= 1 and float(fields["est_img_per_s"]) > 0
+
+
+def test_on_device_views_are_per_example_and_move_nothing_between_chips():
+  config = pmsn_vits16_inat18.get_config()
+  config.unlock()
+  config.batch_size = 16
+  prog = program.build(config, sharding.make_mesh(config.mesh, aot.topology_devices("v5e:2x2")),
+                       "tpu")
+  compiled = prog.lower_device_views().compile()  # a chip's views from its own examples only
+  assert not any(aot.collective_counts(compiled.as_text()).values())
 
 
 def official_views_step(topology: str, mesh, batch_size: int, depth: int = 2):

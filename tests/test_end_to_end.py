@@ -44,7 +44,10 @@ def test_smoke_trains_evaluates_exports_and_resumes(tmp_path):
   assert [r["step"] for r in train_rows] == [4, 8, 12]
   assert train_rows[-1]["loss"] < train_rows[0]["loss"]
   assert all(np.isfinite(r["loss"]) for r in train_rows)
-  assert "step 12/12" in first.stdout and "k-NN top-1" in first.stdout
+  for row in train_rows:  # the host's input figures (data/feeding.py), each log step
+    assert row["input_wait_ms"] >= 0 and 0 <= row["input_wait_pct"] <= 100
+    assert row["host_img_per_s"] > 0 and row["input_slowest_host"] == 0
+  assert "step 12/12" in first.stdout and "input wait" in first.stdout and "k-NN top-1" in first.stdout
   # The step is compiled once, up front, and never again (12 steps, 2 checkpoints, eval).
   assert first.stderr.count("Compiling jit(train_step)") == 1
 
