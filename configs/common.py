@@ -27,6 +27,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # compiling it again: "" = WORKDIR/compilation_cache (local or gs://), "none" = off, else a
   # directory or URL (one cache may serve many runs of a sweep).
   c.compilation_cache_dir = ""
+  # Warm start (pmsn_jax/warm_start.py): "" = random initialisation; else an official MSN
+  # checkpoint (.pth.tar) or a pmsn_jax export directory, loaded into a run that starts without
+  # checkpoints: encoders, head, prototypes (the optimizer and schedules start fresh).
+  c.init_from = ""
   # (axis name, size); -1 takes the remaining devices. data: replicate parameters; fsdp: shard
   # big parameters and optimizer state too; tensor: Megatron-split the ViT blocks (sharding.py).
   c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))

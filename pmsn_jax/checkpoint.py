@@ -5,7 +5,9 @@ CheckpointManager that keeps the newest N. Orbax commits a step atomically (a te
 directory renamed at the end), so a crash mid-save leaves the previous step restorable.
 
 Export: `workdir/export/{params/, model_config.json}`: the EMA target encoder (the model that is
-evaluated) plus everything `load_encoder` needs to rebuild and feed it.
+evaluated) plus everything `load_encoder` needs to rebuild and feed it. An export may also hold
+`head/`: the projection head (with its BatchNorm statistics) and the prototypes, which encoder
+consumers never read but a warm start and the PyTorch conversion do (interop.py).
 
 Every directory here may be a URL (gs://bucket/run/checkpoints): Orbax gets it unchanged (local
 paths are made absolute), and the JSON beside it goes through the same path API (paths.py).
@@ -29,7 +31,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from pmsn_jax import paths, sharding
-from pmsn_jax.models import vit
+from pmsn_jax.models import heads, vit
 
 EXPORT_FORMAT = "pmsn_jax.encoder.v2"
 # v1: the same, with flat qkv kernels (flat_qkv); read and upgraded on load.
@@ -129,19 +131,90 @@ def abstract_with_shardings(abstract_tree, shardings):
 
 # ----------------------------------------------------------------------------- export
 
+HEAD_DIR = "head"  # beside params/: the projection head and prototypes, when exported
+
+
 def export_encoder(directory, encoder_state: nnx.State, vit_cfg: vit.ViTConfig,
-                   mean, std) -> None:
-  """Writes the encoder parameters (Orbax) and the config that rebuilds it."""
+                   mean, std, *, head: dict | None = None, extra: dict | None = None) -> None:
+  """Writes the encoder parameters (Orbax) and the config that rebuilds it.
+
+  `head`: optionally {"params", "batch_stats", "prototypes"}: a ProjectionHead's parameters and
+  BatchNorm statistics (pure dicts) and the [K, d] prototypes, written to `head/` with their
+  sizes in model_config.json (read back by `read_head`). `extra`: more JSON-able keys for
+  model_config.json (e.g. where converted weights came from).
+  """
   directory = paths.resolve(directory)
   # Whole arrays on every process, whatever their sharding (FSDP shards span hosts).
-  params = jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True),
-                        encoder_state.to_pure_dict())
+  gather = lambda tree: jax.tree.map(  # noqa: E731
+      lambda x: multihost_utils.process_allgather(x, tiled=True), tree)
+  params = gather(encoder_state.to_pure_dict())
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(directory / "params", params, force=True)
+    if head is not None:
+      head = gather({key: head[key] for key in ("params", "batch_stats", "prototypes")})
+      ckpt.save(directory / HEAD_DIR, head, force=True)
   if jax.process_index() == 0:
-    meta = {"format": EXPORT_FORMAT, "vit": dataclasses.asdict(vit_cfg),
+    meta = {**(extra or {}), "format": EXPORT_FORMAT, "vit": dataclasses.asdict(vit_cfg),
             "mean": list(mean), "std": list(std)}
+    if head is not None:
+      hidden_dim, output_dim = head["params"]["fc3"]["kernel"].shape
+      meta["head"] = {"hidden_dim": int(hidden_dim), "output_dim": int(output_dim),
+                      "num_prototypes": int(head["prototypes"].shape[0])}
     paths.write_text(directory / "model_config.json", json.dumps(meta, indent=2))
+
+
+def read_export(path) -> tuple[dict, vit.ViTConfig, dict]:
+  """-> (model_config.json as a dict, the encoder's ViTConfig, its parameters as a pure dict of
+  host arrays). For code that needs the weights themselves (warm starts, conversion to PyTorch);
+  `load_encoder` builds the encoder from them. `path` may be a URL."""
+  path = paths.resolve(path)
+  meta_path = path / "model_config.json"
+  if not meta_path.exists():
+    raise FileNotFoundError(f"{meta_path} not found: pass the export directory written by "
+                            "training (WORKDIR/export).")
+  meta = json.loads(meta_path.read_text())
+  if meta.get("format") not in READABLE_EXPORT_FORMATS:
+    raise ValueError(f"{meta_path} has format {meta.get('format')!r}, expected one of "
+                     f"{READABLE_EXPORT_FORMATS}.")
+  cfg = vit.ViTConfig(**meta["vit"])
+  abstract = nnx.eval_shape(lambda: vit.ViT(cfg, rngs=nnx.Rngs(0)))
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                        nnx.state(abstract).to_pure_dict())
+  legacy = meta["format"] != EXPORT_FORMAT
+  with ocp.StandardCheckpointer() as ckpt:
+    try:
+      params = ckpt.restore(path / "params", flat_qkv(target) if legacy else target)
+      if legacy:
+        params = unflatten_qkv(params, target)
+    except (ValueError, KeyError) as e:
+      raise ValueError(f"{path}/params does not match its model_config.json "
+                       f"({str(e).splitlines()[0][:200]}).") from None
+  return meta, cfg, params
+
+
+def read_head(path) -> dict | None:
+  """The projection head and prototypes of an export ({"params", "batch_stats", "prototypes"},
+  host arrays), or None if it has none (training exports hold the encoder only)."""
+  path = paths.resolve(path)
+  meta = json.loads((path / "model_config.json").read_text())
+  dims = meta.get("head")
+  if not dims:
+    return None
+  width = meta["vit"]["width"]
+  head = nnx.eval_shape(lambda: heads.ProjectionHead(
+      width, dims["hidden_dim"], dims["output_dim"], rngs=nnx.Rngs(0)))
+  _, params, stats = nnx.split(head, nnx.Param, nnx.BatchStat)
+  shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
+  target = {"params": jax.tree.map(shape, params.to_pure_dict()),
+            "batch_stats": jax.tree.map(shape, stats.to_pure_dict()),
+            "prototypes": jax.ShapeDtypeStruct((dims["num_prototypes"], dims["output_dim"]),
+                                               jnp.float32)}
+  with ocp.StandardCheckpointer() as ckpt:
+    try:
+      return ckpt.restore(path / HEAD_DIR, target)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+      raise ValueError(f"{path}/{HEAD_DIR} does not match its model_config.json "
+                       f"({str(e).splitlines()[0][:200]}).") from None
 
 
 def load_encoder(path, features: str = "cls") -> Callable[[jax.Array], jax.Array]:
@@ -155,29 +228,8 @@ def load_encoder(path, features: str = "cls") -> Callable[[jax.Array], jax.Array
   know how the model was trained. `path` may be a URL (gs://bucket/run/export).
   """
   vit.check_readout(features)  # before loading anything, not at the first call
-  path = paths.resolve(path)
-  meta_path = path / "model_config.json"
-  if not meta_path.exists():
-    raise FileNotFoundError(f"{meta_path} not found: pass the export directory written by "
-                            "training (WORKDIR/export).")
-  meta = json.loads(meta_path.read_text())
-  if meta.get("format") not in READABLE_EXPORT_FORMATS:
-    raise ValueError(f"{meta_path} has format {meta.get('format')!r}, expected one of "
-                     f"{READABLE_EXPORT_FORMATS}.")
-  cfg = vit.ViTConfig(**meta["vit"])
-  abstract = nnx.eval_shape(lambda: vit.ViT(cfg, rngs=nnx.Rngs(0)))
-  graphdef, abstract_state = nnx.split(abstract)
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                        abstract_state.to_pure_dict())
-  legacy = meta["format"] != EXPORT_FORMAT
-  with ocp.StandardCheckpointer() as ckpt:
-    try:
-      params = ckpt.restore(path / "params", flat_qkv(target) if legacy else target)
-      if legacy:
-        params = unflatten_qkv(params, target)
-    except (ValueError, KeyError) as e:
-      raise ValueError(f"{path}/params does not match its model_config.json "
-                       f"({str(e).splitlines()[0][:200]}).") from None
+  meta, cfg, params = read_export(path)
+  graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: vit.ViT(cfg, rngs=nnx.Rngs(0))))
   nnx.replace_by_pure_dict(abstract_state, params)
   mean = jnp.asarray(meta["mean"], jnp.float32)
   std = jnp.asarray(meta["std"], jnp.float32)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import re
 
-from pmsn_jax import losses
+from pmsn_jax import losses, paths
 from pmsn_jax.data import sampling, sources
 from pmsn_jax.models import vit
 
@@ -108,6 +108,24 @@ def _flat_keys(config, prefix=""):
       yield path
 
 
+def _init_from(config) -> None:
+  """config.init_from: "" or a file / export directory that exists (read by warm_start.py)."""
+  source = config.get("init_from", "")
+  _require(isinstance(source, str) and source == source.strip(), "init_from", source,
+           "expected '' or the path of an MSN checkpoint (.pth.tar) or an export directory")
+  if not source:
+    return
+  where = paths.path(source)
+  fix = ("pass an official MSN checkpoint (.pth.tar) or a pmsn_jax export directory (WORKDIR/"
+         "export, or one written by python -m pmsn_jax.convert from-msn --checkpoint=FILE "
+         "--out=DIR), or '' for a random initialisation")
+  if not where.exists():
+    raise ValueError(f"config.init_from={source!r} does not exist: {fix}.")
+  if where.is_dir() and not (where / "model_config.json").exists():
+    raise ValueError(f"config.init_from={source!r} is a directory without model_config.json, "
+                     f"not an export: {fix}.")
+
+
 def validate(config) -> None:
   """Raises ValueError on the first invalid value."""
   for key in ("batch_size", "total_steps", "log_every_steps", "checkpoint_every_steps",
@@ -120,6 +138,8 @@ def validate(config) -> None:
   _require(isinstance(cache, str) and cache == cache.strip() and scheme in URL_SCHEMES,
            "compilation_cache_dir", cache, "expected '' (WORKDIR/compilation_cache), 'none' "
            "(off), a directory, or a gs://, s3:// or az:// URL")
+
+  _init_from(config)
 
   m = config.model
   vit.parse_variant(m.variant)
