@@ -1,4 +1,4 @@
-"""PMSN loss: MSN with a (power-law) cluster prior. See design/METHOD.md.
+"""PMSN loss: MSN with a (power-law) cluster prior.
 
 MSN (Assran et al., 2022) matches soft prototype assignments of masked anchor
 views to sharpened, Sinkhorn-balanced assignments of the unmasked target view,

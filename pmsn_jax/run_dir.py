@@ -25,14 +25,18 @@ class RunDirError(ValueError):
 # Config keys added after runs were made, with the value older runs behaved as: so an old run
 # and a new one with the same settings still group as seeds of one method.
 ADDED_CONFIG_KEYS = {("loss", "prior_order"): "fixed", ("loss", "kl_direction"): "mean_to_prior",
-                     ("data", "class_order"): [], ("eval", "features"): "cls"}
+                     ("data", "class_order"): [], ("eval", "features"): "cls",
+                     ("init_from",): ""}
 
 
 def with_added_keys(config: dict) -> dict:
   """A run's config.json dict with ADDED_CONFIG_KEYS filled in where it predates them."""
-  for (section, key), value in ADDED_CONFIG_KEYS.items():
-    if isinstance(config.get(section), dict):
-      config[section].setdefault(key, copy.deepcopy(value))
+  for (*sections, key), value in ADDED_CONFIG_KEYS.items():
+    parent = config
+    for section in sections:
+      parent = parent.get(section) if isinstance(parent, dict) else None
+    if isinstance(parent, dict):
+      parent.setdefault(key, copy.deepcopy(value))
   return config
 
 

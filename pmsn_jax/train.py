@@ -224,6 +224,9 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   latest = ckpt.latest_step()
   if latest is None:
     state = prog.init_state()
+    if config.init_from:  # MSN weights or an export (warm_start.py)
+      from pmsn_jax import warm_start  # noqa: PLC0415  torch is imported only for a .pth.tar
+      state = warm_start.warm_start(state, config, report=say)
   else:
     say(f"resuming from {workdir}/checkpoints/{latest}")
     state = ckpt.restore(latest, prog.abstract_state)

@@ -93,3 +93,14 @@ def test_smoke_trains_evaluates_exports_and_resumes(tmp_path):
   steps = [r["step"] for r in read_metrics(workdir) if "loss" in r]
   assert steps == [4, 8, 12, 16]
   assert "16" in os.listdir(workdir / "checkpoints")
+
+
+def test_init_from_an_export_warm_starts_a_new_run(tmp_path):
+  """--config.init_from through pmsn_jax.main: the new run starts from the export's encoder
+  (warm_start.py; its weights are tested in tests/test_warm_start.py)."""
+  first = tmp_path / "first"
+  run_main(first, "--config.total_steps=2", "--config.eval.enabled=False")
+  second = run_main(tmp_path / "second", f"--config.init_from={first}/export",
+                    "--config.total_steps=2", "--config.eval.enabled=False")
+  assert f"warm start from {first}/export" in second.stdout
+  assert "step 2/2" in second.stdout
