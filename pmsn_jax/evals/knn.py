@@ -13,6 +13,7 @@ chunk function compiles once.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -59,15 +60,22 @@ def _knn_chunk(bank, bank_labels, queries, temperature, *, k, num_classes):
   # negligible cost next to the encoder forward pass that produced the features.
   sims = jnp.matmul(_l2_normalize(queries), bank.T, precision=jax.lax.Precision.HIGHEST)
   top_sims, top_idx = jax.lax.top_k(sims, k)                         # [chunk, k], sorted desc.
-  # exp((s - s_max) / T) = exp(s / T) times a per-query constant: same argmax, never overflows
-  # for small temperatures. jnp.max, not top_sims[:, :1]: on XLA:CPU that slice stops the
-  # TopK custom call from matching and top_k falls back to a full sort (25x slower).
+  return _weighted_vote(top_sims, bank_labels[top_idx], temperature, num_classes)
+
+
+def _weighted_vote(top_sims, top_labels, temperature, num_classes):
+  """Each query's neighbours vote for their labels with weight exp(sim / T): [chunk] int32.
+
+  exp((s - s_max) / T) = exp(s / T) times a per-query constant: same argmax, never overflows
+  for small temperatures. jnp.max, not top_sims[:, :1]: on XLA:CPU that slice stops the TopK
+  custom call from matching and top_k falls back to a full sort (25x slower). Scatter-add
+  instead of one_hot: a [chunk, k, num_classes] one-hot would be 670 MB for iNat18's 8142
+  classes at chunk 1024.
+  """
   weights = jnp.exp((top_sims - jnp.max(top_sims, axis=1, keepdims=True)) / temperature)
-  rows = jnp.arange(queries.shape[0])[:, None]
-  # Scatter-add instead of one_hot: a [chunk, k, num_classes] one-hot would be 670 MB for
-  # iNat18's 8142 classes at chunk 1024.
-  votes = jnp.zeros((queries.shape[0], num_classes), jnp.float32)
-  votes = votes.at[rows, bank_labels[top_idx]].add(weights)
+  rows = jnp.arange(top_sims.shape[0])[:, None]
+  votes = jnp.zeros((top_sims.shape[0], num_classes), jnp.float32)
+  votes = votes.at[rows, top_labels].add(weights)
   return jnp.argmax(votes, axis=-1).astype(jnp.int32)
 
 
@@ -112,3 +120,146 @@ def knn_classify(train_features, train_labels, test_features, *, num_classes, k=
                             num_classes=num_classes))
   # Fetch once at the end so host padding overlaps with device compute (async dispatch).
   return np.concatenate([np.asarray(p) for p in preds])[:num_test]
+
+
+# --- k-NN over a bank sharded across devices ---------------------------------------------
+#
+# At iNaturalist 2018 scale (437,513 train rows, 8142 classes) the bank and each query chunk's
+# [chunk, N] similarity block outgrow one accelerator's share of the evaluation, so the bank is
+# split along N over the mesh's batch axes instead. Each device scores the (replicated) query
+# chunk against its own rows and keeps its local top k; only those k candidates per device are
+# all-gathered (k x shards per query, never the similarity block), and a final top k over them
+# picks the same neighbours, in the same order, as one top k over the whole bank would.
+#
+# Tie rule, identical to knn_classify's (lax.top_k on one device): among equal similarities the
+# lower global bank index ranks first. Each device's top_k lists its equal candidates in local
+# index order, and the tiled all-gather concatenates the devices in shard order, i.e. in global
+# index order; so in the gathered [.., k x shards] row equal similarities appear in global index
+# order, and the merging lax.top_k (lower position first) keeps (similarity desc, index asc).
+#
+# Exactness also needs each (query, row) similarity to be the same float as on one device: the
+# expression is the same, and on XLA:CPU the [chunk, N/shards] matmul gives bitwise the values
+# of the [chunk, N] one (tested). A GPU/TPU library may pick another kernel for the smaller
+# block and round differently in the last bit; then only neighbours within ~1 ulp of each
+# other could swap places.
+
+
+def _bank_axes(mesh):
+  """The mesh's batch axes (sharding.BATCH_AXES) that it has, the bank's row split."""
+  from pmsn_jax import sharding  # pylint: disable=import-outside-toplevel
+  axes = tuple(a for a in sharding.BATCH_AXES if a in mesh.shape)
+  if not axes:
+    raise ValueError(f"mesh has axes {tuple(mesh.shape)} but none of the batch axes "
+                     f"{sharding.BATCH_AXES} to shard the bank over")
+  return axes
+
+
+@functools.lru_cache(maxsize=32)
+def _sharded_chunk_fn(mesh, axes, k, num_classes, num_valid):
+  """Jitted (bank, bank_labels, queries, temperature) -> (preds, top_sims, top_idx) for one
+  query chunk; bank rows at global index >= num_valid are padding and never selected.
+
+  Cached per (mesh, k, classes, N) so the repeated chunks of one call, and repeated calls on
+  the same bank, reuse one compile (jax.jit caches on the function object)."""
+  def local(bank, bank_labels, queries, temperature):
+    rows_per_shard = bank.shape[0]
+    local_k = min(k, rows_per_shard)  # k <= N <= shards x rows_per_shard: enough candidates.
+    offset = jax.lax.axis_index(axes) * rows_per_shard
+    global_idx = offset + jnp.arange(rows_per_shard, dtype=jnp.int32)
+    # The same expression as _knn_chunk, so each (query, row) similarity is the same number.
+    sims = jnp.matmul(_l2_normalize(queries), bank.T, precision=jax.lax.Precision.HIGHEST)
+    sims = jnp.where(global_idx[None, :] < num_valid, sims, -jnp.inf)  # Padding never wins.
+    cand_sims, cand_pos = jax.lax.top_k(sims, local_k)       # [chunk, local_k], ties: lower idx.
+    cand_idx = global_idx[cand_pos]
+    cand_labels = bank_labels[cand_pos]
+    # The only collective: k candidates per device per query, in shard (= global index) order.
+    gather = functools.partial(jax.lax.all_gather, axis_name=axes, axis=1, tiled=True)
+    all_sims, all_idx, all_labels = gather(cand_sims), gather(cand_idx), gather(cand_labels)
+    top_sims, pos = jax.lax.top_k(all_sims, k)               # Equal sims: lower position first.
+    top_idx = jnp.take_along_axis(all_idx, pos, axis=1)
+    top_labels = jnp.take_along_axis(all_labels, pos, axis=1)
+    preds = _weighted_vote(top_sims, top_labels, temperature, num_classes)
+    return preds, top_sims, top_idx
+
+  bank_spec = jax.sharding.PartitionSpec(axes)
+  replicated = jax.sharding.PartitionSpec()
+  return jax.jit(jax.shard_map(
+      local, mesh=mesh, in_specs=(bank_spec, bank_spec, replicated, replicated),
+      out_specs=(replicated, replicated, replicated),
+      # Everything after the all-gather is computed from the gathered candidates and replicated
+      # inputs, so it is the same on every device; this jax's all_gather output is typed as
+      # device-varying, so the replication check cannot see that.
+      check_vma=False))
+
+
+def shard_bank(train_features, train_labels, mesh):
+  """L2-normalised bank and its labels as global arrays split along N over the batch axes.
+
+  N is padded with zero rows (label 0) up to a multiple of the shard count; the k-NN masks them
+  by index, so they are never neighbours. Returns (bank, bank_labels, N). The normalisation is
+  knn_classify's, applied row by row on each shard, so each row is the same numbers."""
+  axes = _bank_axes(mesh)
+  shards = math.prod(mesh.shape[a] for a in axes)
+  num_train = train_features.shape[0]
+  pad = -num_train % shards
+  sharding_ = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes))
+  bank = jax.device_put(np.pad(train_features, ((0, pad), (0, 0))), sharding_)
+  bank_labels = jax.device_put(np.pad(train_labels, (0, pad)), sharding_)
+  return _l2_normalize(bank), bank_labels, num_train
+
+
+def _check_knn_args(num_train, k, temperature, chunk_size):
+  if not 1 <= k <= num_train:
+    raise ValueError(f"k must be in [1, {num_train}] (the number of train rows), got {k}")
+  if not temperature > 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}")
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+
+def knn_neighbors_sharded(train_features, train_labels, test_features, *, mesh, num_classes,
+                          k=20, temperature=0.07, chunk_size=1024):
+  """knn_classify with the bank sharded over `mesh`'s batch axes; also returns the neighbours.
+
+  Same arguments as knn_classify plus `mesh` (e.g. sharding.make_mesh(config.mesh)): the bank's
+  N rows are split over the mesh's "data" and "fsdp" axes (replicated over any other axis), the
+  query chunks are replicated. Memory per device: N/shards bank rows and a
+  [chunk_size, N/shards] similarity block. Single-process only: the bank is put on the devices
+  from this host's numpy array.
+
+  Returns:
+    (preds [M] int32, sims [M, k] float32, indices [M, k] int32) numpy arrays: the predictions
+    (equal to knn_classify's, ties included), and each query's neighbours' cosine similarities
+    (descending) and train-row indices; equal similarities are ordered by lower index first.
+  """
+  train_features, train_labels, test_features = check_probe_inputs(
+      train_features, train_labels, test_features, num_classes)
+  _check_knn_args(train_features.shape[0], k, temperature, chunk_size)
+  axes = _bank_axes(mesh)
+  num_test = test_features.shape[0]
+  if num_test == 0:
+    return (np.zeros((0,), np.int32), np.zeros((0, k), np.float32), np.zeros((0, k), np.int32))
+
+  bank, bank_labels, num_train = shard_bank(train_features, train_labels, mesh)
+  chunk_fn = _sharded_chunk_fn(mesh, axes, k, num_classes, num_train)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  temperature = jax.device_put(np.float32(temperature), replicated)
+  chunk = min(chunk_size, num_test)
+  outs = []
+  for start in range(0, num_test, chunk):
+    block = test_features[start:start + chunk]
+    if block.shape[0] < chunk:  # Zero rows, as knn_classify pads; their results are dropped.
+      block = np.pad(block, ((0, chunk - block.shape[0]), (0, 0)))
+    outs.append(chunk_fn(bank, bank_labels, jax.device_put(block, replicated), temperature))
+  preds, sims, idx = (np.concatenate([np.asarray(o[i]) for o in outs])[:num_test]
+                      for i in range(3))
+  return preds, sims, idx
+
+
+def knn_classify_sharded(train_features, train_labels, test_features, *, mesh, num_classes,
+                         k=20, temperature=0.07, chunk_size=1024):
+  """knn_classify with the bank sharded over `mesh`'s batch axes: the same predictions, ties
+  included (see knn_neighbors_sharded), for banks too large for one device. [M] int32."""
+  return knn_neighbors_sharded(train_features, train_labels, test_features, mesh=mesh,
+                               num_classes=num_classes, k=k, temperature=temperature,
+                               chunk_size=chunk_size)[0]
