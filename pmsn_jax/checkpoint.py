@@ -194,7 +194,7 @@ def read_export(path) -> tuple[dict, vit.ViTConfig, dict]:
 
 def read_head(path) -> dict | None:
   """The projection head and prototypes of an export ({"params", "batch_stats", "prototypes"},
-  host arrays), or None if it has none (training exports hold the encoder only)."""
+  host arrays), or None if it has none (exports written before heads were)."""
   path = paths.resolve(path)
   meta = json.loads((path / "model_config.json").read_text())
   dims = meta.get("head")

@@ -519,8 +519,8 @@ def to_timm(export, out) -> list[str]:
            f"mean={tuple(meta['mean'])}, std={tuple(meta['std'])}; model(x) is the CLS feature"]
   head = checkpoint.read_head(export)
   if head is None:
-    lines.append(f"no projection head or prototypes in {export} (training exports hold the "
-                 "encoder only)")
+    lines.append(f"no projection head or prototypes in {export} (an export written before "
+                 "exports carried them)")
     return lines
   tensors = params_to_msn_head(head["params"], head["batch_stats"])
   tensors["prototypes"] = np.ascontiguousarray(np.asarray(head["prototypes"], np.float32))

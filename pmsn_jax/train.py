@@ -348,9 +348,14 @@ def _train_and_evaluate(config, workdir: str) -> dict:
       prototypes_file.close()
 
   # -------------------------------------------------------------------- export
+  # The EMA target encoder, with its head and the prototypes: what `convert to-timm` hands to
+  # PyTorch and what --config.init_from=WORKDIR/export starts a new run from.
   encode = program.target_encoder(prog.graphdef, state, config.eval.features)
+  head = {"params": state.target.to_pure_dict()["target"]["head"],
+          "batch_stats": state.batch_stats.to_pure_dict()["target"]["head"],
+          "prototypes": state.params.to_pure_dict()["prototypes"]["vectors"]}
   checkpoint.export_encoder(paths.path(workdir) / "export", encode.args[0], prog.vit_cfg,
-                            config.data.mean, config.data.std)
+                            config.data.mean, config.data.std, head=head)
 
   # ---------------------------------------------------------------- evaluation
   result = {}

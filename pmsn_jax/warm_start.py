@@ -9,8 +9,8 @@ state:
     head from its "target_encoder" (each from the other where the file lacks one), the heads'
     BatchNorm running statistics, and the prototypes;
   * from an export: its encoder into both the online and the target encoder, and its head,
-    statistics and prototypes into both heads where it has them (training exports hold the
-    encoder only: the head and prototypes then stay freshly initialised).
+    statistics and prototypes into both heads (an older export without them leaves the head and
+    prototypes freshly initialised).
 The optimizer state and the step stay fresh: AdamW's moments and the schedules (learning rate,
 weight decay, EMA momentum) start at step 0 of this run, as a fine-tuning run's would; MSN's own
 optimizer state belongs to another schedule and parameter grouping.

@@ -96,11 +96,12 @@ def test_smoke_trains_evaluates_exports_and_resumes(tmp_path):
 
 
 def test_init_from_an_export_warm_starts_a_new_run(tmp_path):
-  """--config.init_from through pmsn_jax.main: the new run starts from the export's encoder
-  (warm_start.py; its weights are tested in tests/test_warm_start.py)."""
+  """--config.init_from through pmsn_jax.main: the new run starts from the export's encoder,
+  head and prototypes (warm_start.py; its weights are tested in tests/test_warm_start.py)."""
   first = tmp_path / "first"
   run_main(first, "--config.total_steps=2", "--config.eval.enabled=False")
   second = run_main(tmp_path / "second", f"--config.init_from={first}/export",
                     "--config.total_steps=2", "--config.eval.enabled=False")
   assert f"warm start from {first}/export" in second.stdout
+  assert "loaded encoders, heads, prototypes;" in second.stdout  # a training export has them
   assert "step 2/2" in second.stdout
