@@ -219,12 +219,19 @@ def _crop_group(images, boxes, u, size: int, cfg) -> tf.Tensor:
 
 
 def _crop_group_float(images, boxes, u, size: int, cfg) -> tf.Tensor:
-  """_crop_group before rounding: float32 in [0, 255]."""
+  """_crop_group before rounding: float32 in [0, 255].
+
+  A flipped view is sampled right to left (crop_and_resize mirrors a box whose x1 > x2), not
+  reversed after sampling: the same pixels, without a second pass over every view (a third of
+  a JPEG's host time when it was one).
+  """
   n, channels = tf.shape(images)[0], images.shape[-1]
   owner = tf.repeat(tf.range(n), tf.shape(u)[0] // n)
-  x = tf.image.crop_and_resize(images, boxes, owner, [size, size])
   if field(cfg, "flip"):
-    x = tf.where(_coin(u, "flip", 0.5), tf.reverse(x, axis=[2]), x)
+    y1, x1, y2, x2 = tf.unstack(boxes, axis=1)
+    flip = _col(u, "flip") < 0.5
+    boxes = tf.stack([y1, tf.where(flip, x2, x1), y2, tf.where(flip, x1, x2)], axis=1)
+  x = tf.image.crop_and_resize(images, boxes, owner, [size, size])
   return tf.reshape(x, [n, -1, size, size, channels])
 
 
