@@ -1,9 +1,12 @@
 """Tests for the frozen-feature evaluators: k-NN, linear probe, class-wise metrics."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pmsn_jax import sharding
 from pmsn_jax.evals import classwise, knn, linear
 
 
@@ -89,12 +92,15 @@ def test_knn_top_k_is_not_lowered_to_a_full_sort():
     (dict(train_labels=np.zeros(30)), "integer"),
     (dict(train_features=np.ones(30)), "train_features"),
 ])
-def test_knn_value_errors(kwargs, match):
+@pytest.mark.parametrize("classify", ["single device", "sharded over 2"])
+def test_knn_value_errors(kwargs, match, classify):
   call = dict(train_features=np.ones((30, 4)), train_labels=np.arange(30) % 3,
               test_features=np.ones((4, 4)), num_classes=3)
   call.update(kwargs)
+  fn = knn.knn_classify if classify == "single device" else functools.partial(
+      knn.knn_classify_sharded, mesh=sharding.make_mesh((("data", -1),), jax.devices()[:2]))
   with pytest.raises(ValueError, match=match):
-    knn.knn_classify(**call)
+    fn(**call)
 
 
 # --- linear probe -------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ one seed tensor [2]; every random number below derives from it and from nothing 
 tf.random global state, no op seeds), so the same (image, seed) gives bit-identical views in any
 batch, on any host, after any restart.
 
-Per image (METHOD.md, "Views and augmentations"): a target and an anchor crop of side
+Per image (MSN's multi-crop recipe): a target and an anchor crop of side
 `image_size` with scale `target_scale`, plus `num_focal` focal crops of side `focal_size` with
 scale `focal_scale`, each flipped horizontally with probability 1/2. Patch masking of the
 anchor happens in the model, not here.
@@ -237,11 +237,6 @@ def _crop_group_float(images, boxes, u, size: int, cfg) -> tf.Tensor:
 
 def _col(u, name):
   return u[:, _COL[name]]
-
-
-def _coin(u, name, prob) -> tf.Tensor:
-  """Per-view boolean [M,1,1,1], True with probability `prob`."""
-  return tf.reshape(_col(u, name) < prob, [-1, 1, 1, 1])
 
 
 def _crop_windows(u, ratio, height, width, scale):

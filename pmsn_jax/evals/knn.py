@@ -97,29 +97,38 @@ def knn_classify(train_features, train_labels, test_features, *, num_classes, k=
   """
   train_features, train_labels, test_features = check_probe_inputs(
       train_features, train_labels, test_features, num_classes)
-  if not 1 <= k <= train_features.shape[0]:
-    raise ValueError(f"k must be in [1, {train_features.shape[0]}] (the number of train rows), "
-                     f"got {k}")
-  if not temperature > 0:
-    raise ValueError(f"temperature must be > 0, got {temperature}")
-  if chunk_size < 1:
-    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+  _check_knn_args(train_features.shape[0], k, temperature, chunk_size)
   num_test = test_features.shape[0]
   if num_test == 0:
     return np.zeros((0,), np.int32)
 
   bank = _l2_normalize(jnp.asarray(train_features))
   bank_labels = jnp.asarray(train_labels)
-  chunk = min(chunk_size, num_test)  # Don't pad 300 queries up to 1024.
-  preds = []
-  for start in range(0, num_test, chunk):
-    block = test_features[start:start + chunk]
-    if block.shape[0] < chunk:  # Pad with zero rows (similarity 0); their predictions are dropped.
-      block = np.pad(block, ((0, chunk - block.shape[0]), (0, 0)))
-    preds.append(_knn_chunk(bank, bank_labels, block, jnp.float32(temperature), k=k,
-                            num_classes=num_classes))
+  preds = [_knn_chunk(bank, bank_labels, block, jnp.float32(temperature), k=k,
+                      num_classes=num_classes)
+           for block in _query_chunks(test_features, chunk_size)]
   # Fetch once at the end so host padding overlaps with device compute (async dispatch).
   return np.concatenate([np.asarray(p) for p in preds])[:num_test]
+
+
+def _check_knn_args(num_train, k, temperature, chunk_size):
+  if not 1 <= k <= num_train:
+    raise ValueError(f"k must be in [1, {num_train}] (the number of train rows), got {k}")
+  if not temperature > 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}")
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+
+def _query_chunks(queries, chunk_size):
+  """[M, D] queries in blocks of min(chunk_size, M) rows (don't pad 300 queries up to 1024),
+  the last one padded with zero rows (similarity 0), whose results the caller drops: every
+  block has one shape, so the jitted chunk function compiles once."""
+  chunk = min(chunk_size, queries.shape[0])
+  for start in range(0, queries.shape[0], chunk):
+    block = queries[start:start + chunk]
+    yield block if block.shape[0] == chunk else np.pad(block, ((0, chunk - block.shape[0]),
+                                                               (0, 0)))
 
 
 # --- k-NN over a bank sharded across devices ---------------------------------------------
@@ -208,15 +217,6 @@ def shard_bank(train_features, train_labels, mesh):
   return _l2_normalize(bank), bank_labels, num_train
 
 
-def _check_knn_args(num_train, k, temperature, chunk_size):
-  if not 1 <= k <= num_train:
-    raise ValueError(f"k must be in [1, {num_train}] (the number of train rows), got {k}")
-  if not temperature > 0:
-    raise ValueError(f"temperature must be > 0, got {temperature}")
-  if chunk_size < 1:
-    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-
-
 def knn_neighbors_sharded(train_features, train_labels, test_features, *, mesh, num_classes,
                           k=20, temperature=0.07, chunk_size=1024):
   """knn_classify with the bank sharded over `mesh`'s batch axes; also returns the neighbours.
@@ -244,13 +244,8 @@ def knn_neighbors_sharded(train_features, train_labels, test_features, *, mesh, 
   chunk_fn = _sharded_chunk_fn(mesh, axes, k, num_classes, num_train)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   temperature = jax.device_put(np.float32(temperature), replicated)
-  chunk = min(chunk_size, num_test)
-  outs = []
-  for start in range(0, num_test, chunk):
-    block = test_features[start:start + chunk]
-    if block.shape[0] < chunk:  # Zero rows, as knn_classify pads; their results are dropped.
-      block = np.pad(block, ((0, chunk - block.shape[0]), (0, 0)))
-    outs.append(chunk_fn(bank, bank_labels, jax.device_put(block, replicated), temperature))
+  outs = [chunk_fn(bank, bank_labels, jax.device_put(block, replicated), temperature)
+          for block in _query_chunks(test_features, chunk_size)]
   preds, sims, idx = (np.concatenate([np.asarray(o[i]) for o in outs])[:num_test]
                       for i in range(3))
   return preds, sims, idx
