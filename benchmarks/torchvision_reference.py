@@ -1,7 +1,7 @@
 """Reference throughput: MSN's official multi-crop augmentation (torchvision + PIL, torch
 DataLoader) on a folder of JPEGs, to set benchmarks/input_pipeline.py --setting=official against.
 
-  /work/tv-venv/bin/python benchmarks/torchvision_reference.py --jpeg_dir=/tmp/pmsn_jpegs
+  <venv with torch, torchvision>/bin/python benchmarks/torchvision_reference.py --jpeg_dir=/tmp/pmsn_jpegs
   (write the files first: python benchmarks/input_pipeline.py --jpeg_dir=/tmp/pmsn_jpegs)
 
 Why a separate script in its own virtualenv: torch is no dependency of pmsn_jax, and must not

@@ -1,4 +1,4 @@
-"""Shared defaults: the official MSN ViT-S/16 recipe (METHOD.md). Experiments override these.
+"""Shared defaults: the official MSN ViT-S/16 recipe. Experiments override these.
 
 Every key scripts and launchers rely on is defined here, so every config has it.
 """

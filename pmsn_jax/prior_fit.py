@@ -1,7 +1,7 @@
 """config.loss.prior = "fit": estimate the power-law exponent of the cluster prior from data.
 
 None of the reference implementations choose τ_p for you; this fits it, in the loss's own
-parameterisation (losses.power_law_prior, design/METHOD.md): π_k = k^-τ / Σ_{j=1..K} j^-τ.
+parameterisation (losses.power_law_prior): π_k = k^-τ / Σ_{j=1..K} j^-τ.
 Two sources (config.loss.prior_fit_source), details and limits in docs/prior_fit.md:
 
   "labels":   the class histogram of the pretraining rows, before the first step.

@@ -79,7 +79,7 @@ def _fmt(value) -> str:
   return f"{value:g}" if is_number(value) else str(value)
 
 
-OFFICIAL_SINKHORN_ITERS = 3  # MSN's (METHOD.md); other counts are named in PMSN labels
+OFFICIAL_SINKHORN_ITERS = 3  # MSN's; other counts are named in PMSN labels
 
 
 def method_label(config: dict) -> str:

@@ -1,6 +1,6 @@
 """Tests for pmsn_jax.losses against an independent float64 NumPy reference.
 
-The reference follows design/METHOD.md literally, in the probability domain
+The reference follows the PMSN/MSN equations literally, in the probability domain
 (sharpen by p^(1/T), official-order Sinkhorn with plain divisions), so it
 shares no code or numerical tricks with the log-domain implementation.
 """
@@ -312,7 +312,7 @@ def test_power_law_special_values():
   prior = np.asarray(losses.power_law_prior(1024, 0.25))
   np.testing.assert_allclose(prior[0] / prior[-1], 1024 ** 0.25, rtol=1e-5)
   assert abs(prior[0] / prior[-1] - 5.66) < 0.01
-  np.testing.assert_allclose(prior[:102].sum(), 0.175, atol=2e-3)  # METHOD.md
+  np.testing.assert_allclose(prior[:102].sum(), 0.175, atol=2e-3)  # top 10% hold 17.5%
 
 
 # ----------------------------------------------------------------------------

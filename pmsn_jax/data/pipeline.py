@@ -1,7 +1,7 @@
 """Deterministic tf.data input pipeline: the batch of step t is a pure function of
 (seed, t, process_index, process_count).
 
-Why: exact data replay on resume (ARCHITECTURE.md). Instead of checkpointing iterator state,
+Why: exact data replay on resume. Instead of checkpointing iterator state,
 a run restarted at step t rebuilds the pipeline with start_step=t and gets bit-identical batches
 to those an uninterrupted run would have seen.
 

@@ -1,6 +1,6 @@
 """Accuracy metrics on predicted labels: overall, per class, balanced, and long-tail shot groups.
 
-The long-tail protocol (METHOD.md "Evaluation") reports top-1 on a class-balanced test set plus
+The long-tail protocol reports top-1 on a class-balanced test set plus
 the mean accuracy of the "many" (> 100 pretraining images), "medium" (20-100 inclusive) and "few"
 (< 20) shot class groups, as in Liu et al. (2019, OLTR) and the PMSN paper. Everything here is
 plain NumPy on label vectors; it is the bottom layer the k-NN and linear probes import.

@@ -47,7 +47,7 @@ class MSN(nnx.Module):
     """[B,S,S,C] masked anchor + [B,F,s,s,C] focal crops -> projections [B, 1+F, d].
 
     Both groups go through the encoder in one call (shared per-token layers); the head runs
-    per group so that BatchNorm sees each resolution's own statistics (METHOD.md).
+    per group so that BatchNorm sees each resolution's own statistics, as MSN's.
     """
     b, f = focal.shape[:2]
     groups = [(anchor, mask_ratio)]
