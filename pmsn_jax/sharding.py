@@ -114,6 +114,13 @@ def constrain_batch(x: jax.Array) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, P(_present(mesh, BATCH_AXES)))
 
 
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+  """The mesh axes batch_sharding splits rows over (those of size > 1), as a tuple: () when
+  the rows are replicated. What shard_map code names in axis_index / psum / all_gather."""
+  axes = _present(mesh, BATCH_AXES)
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
 def batch_shards(mesh: Mesh) -> int:
   return math.prod(mesh.shape.get(axis, 1) for axis in BATCH_AXES)
 
