@@ -39,7 +39,7 @@ def main(argv):
   config = _CONFIG.value
   mesh = sharding.make_mesh(config.mesh)
   train_split, pretrain_rows = train.load_pretraining_data(config)
-  data = train.load_eval_data(config, train_split, pretrain_rows)
+  data = train.eval_splits(config, train_split, pretrain_rows)
   pixels = jax.jit(lambda images: images.reshape(images.shape[0], -1))
   result = suite.evaluate(pixels, None, data, config, mesh)
   os.makedirs(_OUT.value, exist_ok=True)

@@ -188,11 +188,15 @@ def run_suite(config, what: str, encode, reference, mesh) -> dict:
   from pmsn_jax import train  # Imports TensorFlow (the data pipeline): only now it is needed.
   from pmsn_jax.evals import suite
 
+  from pmsn_jax.data import pipeline
+
   train_split, pretrain_rows = train.load_pretraining_data(config)
-  data = train.load_eval_data(config, train_split, pretrain_rows)
-  train.say(f"evaluating {what} on {len(data.train_labels)} train / "
-            f"{len(data.test_labels)} test images of {config.data.source}")
-  return suite.evaluate(encode, reference, data, config, mesh)
+  splits = train.eval_splits(config, train_split, pretrain_rows)
+  e = config.eval
+  train.say(f"evaluating {what} on {pipeline.eval_split_size(train_split, e.max_train_examples)} "
+            f"train / {pipeline.eval_split_size(splits.test, e.max_test_examples)} test images "
+            f"of {config.data.source}")
+  return suite.evaluate(encode, reference, splits, config, mesh)
 
 
 def default_out(result: dict) -> str:

@@ -26,6 +26,7 @@ class RunDirError(ValueError):
 # and a new one with the same settings still group as seeds of one method.
 ADDED_CONFIG_KEYS = {("loss", "prior_order"): "fixed", ("loss", "kl_direction"): "mean_to_prior",
                      ("data", "class_order"): [], ("eval", "features"): "cls",
+                     ("eval", "linear_protocol"): "features",
                      ("init_from",): ""}
 
 

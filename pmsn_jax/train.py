@@ -52,16 +52,15 @@ def load_pretraining_data(config):
   return train, rows
 
 
-def load_eval_data(config, train, pretrain_rows) -> suite.EvalData:
-  """The evaluators' images in memory: the (capped) train split, with the pretraining rows
-  among them marked, and the (capped) test split."""
-  d, e = config.data, config.eval
+def eval_splits(config, train, pretrain_rows) -> suite.EvalSplits:
+  """The evaluation's splits as sources: the train split (already loaded for pretraining) and
+  the test split's list of files and labels (TFDS: its metadata). No image is read; a wrong
+  test split fails here, before training, not after it."""
+  d = config.data
   test = sources.load_source(d.source, d.test_split, data_dir=d.data_dir or None)
-  train_images, train_rows = pipeline.decode_for_eval(train, d, e.max_train_examples)
-  test_images, _ = pipeline.decode_for_eval(test, d, e.max_test_examples)
-  pretrain_positions = np.flatnonzero(np.isin(train_rows, pretrain_rows))
-  return suite.EvalData(train_images.images, train_images.labels, test_images.images,
-                        test_images.labels, pretrain_positions, train.num_classes)
+  # A streamed TFDS split pretrains on all its rows, whose number its metadata may not know.
+  rows = None if isinstance(train, sources.TfdsImages) else np.asarray(pretrain_rows)
+  return suite.EvalSplits(train, test, rows, train.num_classes)
 
 
 def describe(data, rows) -> str:
@@ -211,7 +210,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   pretrain = (train_split if isinstance(train_split, sources.TfdsImages)
               else train_split.subset(pretrain_rows))
   say(f"pretraining data ({config.data.source}): {describe(train_split, pretrain_rows)}")
-  eval_data = load_eval_data(config, train_split, pretrain_rows) if config.eval.enabled else None
+  eval_data = eval_splits(config, train_split, pretrain_rows) if config.eval.enabled else None
   if eval_data is not None:
     suite.check(eval_data, config)  # fail now, not after training (e.g. too few low-shot images)
 

@@ -19,6 +19,9 @@ PRIOR_FIT_SOURCES = ("labels", "clusters")  # prior_fit.FIT_SOURCES
 URL_SCHEMES = (None, "gs", "s3", "az")  # None: a local path; the rest: what etils.epath writes
 
 
+LINEAR_PROTOCOLS = ("features", "msn")  # evals/linear.py; configs/common.py says which is which
+
+
 def _require(ok: bool, key: str, value, need: str) -> None:
   if not ok:
     raise ValueError(f"config.{key}={value!r} is invalid: {need}.")
@@ -240,6 +243,8 @@ def validate(config) -> None:
            e.get("features"), f"expected one of {vit.FEATURE_READOUTS}")
   _require(e.knn_temperature > 0, "eval.knn_temperature", e.knn_temperature, "expected > 0")
   _require(e.linear_lr > 0, "eval.linear_lr", e.linear_lr, "expected > 0")
+  _require(e.get("linear_protocol", "features") in LINEAR_PROTOCOLS, "eval.linear_protocol",
+           e.get("linear_protocol"), f"expected one of {LINEAR_PROTOCOLS}")
   thresholds = tuple(e.get("shot_thresholds", (100, 20)))
   _require(len(thresholds) == 2 and all(isinstance(t, int) and t >= 0 for t in thresholds)
            and thresholds[1] <= thresholds[0], "eval.shot_thresholds", thresholds,

@@ -199,9 +199,14 @@ def test_eval_preprocess():
   images = np.random.default_rng(7).integers(0, 256, [5, 28, 28, 1], dtype=np.uint8)
   out = augment.eval_preprocess(images[0], cfg).numpy()
   np.testing.assert_allclose(out, (images[0] / 255 - 0.5) / 0.25, atol=1e-5)
-  batches = list(pipeline.eval_batches(images, cfg, batch_size=2))
-  assert [b.shape[0] for b in batches] == [2, 2, 1] and batches[0].dtype == np.float32
-  np.testing.assert_allclose(np.concatenate(batches), (images / 255 - 0.5) / 0.25, atol=1e-5)
+  data = sources.LabelledImages(images, np.arange(5, dtype=np.int32), 5)
+  batches = list(pipeline.eval_batches(data, cfg, local_batch=2))
+  assert [b["image"].shape[0] for b in batches] == [2, 2, 2]  # padded to whole batches
+  assert batches[0]["image"].dtype == np.float32
+  rows = np.concatenate([b["row"] for b in batches])
+  np.testing.assert_array_equal(rows, [0, 1, 2, 3, 4, -1])
+  np.testing.assert_allclose(np.concatenate([b["image"] for b in batches])[:5],
+                             (images / 255 - 0.5) / 0.25, atol=1e-5)
   small = augment.eval_preprocess(images[0, :20, :9], view_cfg(image_size=16))
   assert small.shape == (16, 16, 1)
 

@@ -100,26 +100,39 @@ def test_tfds_inaturalist_mock_through_the_pipeline():
     assert isinstance(data, sources.TfdsImages) and data.num_classes == 8142
     batches = take(pipeline.train_batches(data, cfg, global_batch_size=4, seed=0), 4)
     resumed = next(pipeline.train_batches(data, cfg, global_batch_size=4, seed=0, start_step=2))
-    evaluation, rows = pipeline.decode_for_eval(data, cfg, max_examples=5)
+    evaluation = list(pipeline.eval_batches(data, cfg, local_batch=2, max_examples=5))
   for b in batches:
     assert b["target"].shape == (4, 32, 32, 3) and b["focal"].shape == (4, 2, 16, 16, 3)
     assert b["label"].dtype == np.int32 and np.all((0 <= b["label"]) & (b["label"] < 8142))
     assert np.all(b["skipped"] == 0)
   for key in resumed:
     np.testing.assert_array_equal(resumed[key], batches[2][key])
-  side = round(32 / cfg.eval_crop_fraction)
-  assert evaluation.images.shape == (5, side, side, 3) and list(rows) == [0, 1, 2, 3, 4]
+  assert [b["image"].shape for b in evaluation] == [(2, 32, 32, 3)] * 3
+  assert np.concatenate([b["row"] for b in evaluation]).tolist() == [0, 1, 2, 3, 4, -1]
 
 
-def test_decode_for_eval_drops_and_reports_corrupt_rows(tree):
+def test_eval_stream_splits_rows_over_processes_and_drops_corrupt_ones(tree):
   root, expected = tree
   data = sources.load_source(f"inat_json:{root}", "train")
-  images, rows = pipeline.decode_for_eval(data, small_views())
   bad_row = int(np.flatnonzero(data.paths == expected["train"]["corrupt"][0])[0])
-  assert len(rows) == len(data) - 1 and bad_row not in rows
-  assert np.array_equal(images.labels, data.labels[rows])
-  with pytest.raises(ValueError, match="max_train_examples"):
-    pipeline.decode_for_eval(data, small_views(), max_bytes=1000)
+  streams = [list(pipeline.eval_batches(data, small_views(), local_batch=4, process_index=p,
+                                        process_count=3)) for p in range(3)]
+  # Every process yields the same number of batches (its encoder calls are collective).
+  assert len({len(s) for s in streams}) == 1
+  assert len(streams[0]) == pipeline.eval_num_batches(len(data), 4, 3)
+  rows = [np.concatenate([b["row"] for b in s]) for s in streams]
+  labels = [np.concatenate([b["label"] for b in s]) for s in streams]
+  for p in range(3):  # contiguous blocks in row order; -1 for padding and the corrupt file
+    start, end = pipeline.eval_block(len(data), p, 3)
+    real = rows[p][rows[p] >= 0]
+    assert real.tolist() == [r for r in range(start, end) if r != bad_row]
+    np.testing.assert_array_equal(labels[p][rows[p] >= 0], data.labels[real])
+  assert sorted(np.concatenate(rows)[np.concatenate(rows) >= 0].tolist()) == [
+      r for r in range(len(data)) if r != bad_row]
+  capped = list(pipeline.eval_batches(data, small_views(), local_batch=4, max_examples=6))
+  first_six = [r for r in range(6) if r != bad_row]
+  assert np.concatenate([b["row"] for b in capped]).tolist() == (
+      first_six + [-1] * (8 - len(first_six)))
 
 
 def test_skewed_batches_keep_the_epoch_balanced():

@@ -15,6 +15,7 @@ from flax import nnx
 
 from configs import demo
 from pmsn_jax import checkpoint, sharding
+from pmsn_jax.data import sources
 from pmsn_jax.evals import lowshot, suite
 from pmsn_jax.models import vit
 from tests import subprocess_runs
@@ -171,8 +172,9 @@ def suite_setup(shots):
   rng = np.random.default_rng(5)
   images = lambda n: rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)  # noqa: E731
   labels = lambda n: np.arange(n, dtype=np.int32) % 10  # noqa: E731
-  data = suite.EvalData(images(80), labels(80), images(30), labels(30),
-                        pretrain_indices=np.arange(0, 80, 2), num_classes=10)
+  data = suite.EvalSplits(sources.LabelledImages(images(80), labels(80), 10),
+                          sources.LabelledImages(images(30), labels(30), 10),
+                          pretrain_rows=np.arange(0, 80, 2), num_classes=10)
   return config, data, sharding.make_mesh(config.mesh)
 
 

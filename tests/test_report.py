@@ -144,10 +144,10 @@ def test_runs_from_before_a_config_key_group_with_runs_that_have_its_default(tmp
 
 
 def test_one_run_scored_with_two_readouts_is_two_labelled_rows(tmp_path):
-  rescored = _config(0)
-  rescored["eval"] = {"features": "cls_avgpool"}
+  scored, rescored = _config(0), _config(0)
+  scored["eval"], rescored["eval"] = {"features": "cls"}, {"features": "cls_avgpool"}
   runs = [run_dir.load_run(_write_run(tmp_path / name, config, _eval(knn)))
-          for name, config, knn in (("cls", _config(0), 0.8), ("both", rescored, 0.82))]
+          for name, config, knn in (("cls", scored, 0.8), ("both", rescored, 0.82))]
   _, rows = report.results_table(report.group_runs(runs))
   assert [row["features"] for row in rows] == ["cls", "cls_avgpool"]
   assert rows[1]["method"] == "PMSN τ_p=0.25, Sinkhorn prior (eval.features=cls_avgpool)"

@@ -115,21 +115,31 @@ class TfdsImages:
     return self.num_examples
 
   def as_dataset(self, process_index: int = 0, process_count: int = 1, *,
-                 shuffle_seed: int | None = None):
+                 shuffle_seed: int | None = None, rows: tuple[int, int] | None = None):
     """(image bytes, label) of this process's even split, in a fixed order unless
-    shuffle_seed (shuffles the order of the record files, deterministically)."""
+    shuffle_seed (shuffles the order of the record files, deterministically); or, with
+    rows=(start, end), of those rows of the split in order (only their records are read)."""
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
     split = self.split
-    if process_count > 1:  # Row-level slices: each process reads only its rows' records.
+    if rows is not None:
+      start, end = rows
+      if "[" not in split:
+        split = f"{split}[{start}:{end}]"
+      elif start or end != self.num_examples:  # "train[:10%]" cannot be sliced again
+        raise ValueError(f"cannot read rows {start}-{end} of the sliced TFDS split "
+                         f"{self.split!r}: name a whole split (and cap it with "
+                         f"--config.eval.max_*_examples)")
+    elif process_count > 1:  # Row-level slices: each process reads only its rows' records.
       split = tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]
     builder = tfds.builder(self.name, data_dir=self.data_dir, try_gcs=False)
     read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed)
     ds = builder.as_dataset(split=split, shuffle_files=shuffle_seed is not None,
                             read_config=read_config,
                             decoders={"image": tfds.decode.SkipDecoding()})
-    return ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)))
+    ds = ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)))
+    return ds if rows is None else ds.take(rows[1] - rows[0])  # (mock data ignores slices)
 
   def shard_size(self, process_count: int) -> int:
     return self.num_examples // process_count if process_count > 1 else self.num_examples

@@ -23,6 +23,7 @@ tolerance, so the number depends on the objective alone.
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -214,6 +215,18 @@ def lowshot(train_features, train_labels, test_features, test_labels, *, num_cla
   """
   train_features, train_labels, test_features = knn.check_probe_inputs(
       train_features, train_labels, test_features, num_classes)
+  return lowshot_from(train_labels, lambda rows: train_features[rows], test_features,
+                      test_labels, num_classes=num_classes, shots=shots, splits=splits,
+                      seed=seed, l2=l2, steps=steps, tol=tol)
+
+
+def lowshot_from(pool_labels, take: Callable[[np.ndarray], np.ndarray], test_features,
+                 test_labels, *, num_classes, shots=(1, 2, 5), splits=3, seed=0, l2=DEFAULT_L2,
+                 steps=DEFAULT_STEPS, tol=DEFAULT_TOL) -> dict:
+  """`lowshot` with the pool given as its labels [N] and take(rows) -> features [n, D]: only
+  the drawn rows are read, e.g. from features sharded over devices (features.SplitFeatures)."""
+  pool_labels = classwise.check_labels(pool_labels, num_classes, "train_labels")
+  test_features = np.asarray(test_features, np.float32)
   test_labels = classwise.check_labels(test_labels, num_classes, "test_labels")
   if test_labels.shape[0] != test_features.shape[0] or not test_labels.size:
     raise ValueError(f"test_labels has {test_labels.shape[0]} entries but test_features has "
@@ -224,13 +237,13 @@ def lowshot(train_features, train_labels, test_features, test_labels, *, num_cla
     raise ValueError(f"shots must be distinct positive ints, got {shots}")
   if not isinstance(splits, (int, np.integer)) or splits < 1:
     raise ValueError(f"splits must be a positive int, got {splits!r}")
-  check_shots(train_labels, num_classes, max(shots))  # Before any fit, not after the 1-shot.
+  check_shots(pool_labels, num_classes, max(shots))  # Before any fit, not after the 1-shot.
   result = {}
   for k in shots:
     accuracies = []
     for split in range(splits):
-      rows = sample_shots(train_labels, num_classes, k, seed=seed, split=split)
-      pred = logistic_regression(train_features[rows], train_labels[rows], test_features,
+      rows = sample_shots(pool_labels, num_classes, k, seed=seed, split=split)
+      pred = logistic_regression(take(rows), pool_labels[rows], test_features,
                                  num_classes=num_classes, l2=l2, steps=steps, tol=tol,
                                  pad_to=max(shots) * num_classes)  # One compile for all k.
       accuracies.append(classwise.top1(pred, test_labels))

@@ -1,74 +1,59 @@
 """The evaluation suite run at the end of training (and every `eval_every_steps`), and by
 `python -m pmsn_jax.evaluate` on an export (docs/evaluation.md).
 
-Frozen target-encoder CLS features on:
-  * the balanced train split (60k for Fashion-MNIST): the k-NN bank, the linear-probe train set
-    and the pool the low-shot images are drawn from;
-  * the long-tailed pretraining subset: a second k-NN bank, more sensitive to tail classes;
-  * the balanced test split: what every number is measured on.
+Frozen target-encoder features on:
+  * the balanced train split (its first eval.max_train_examples rows): the k-NN bank, the
+    linear-probe train set and the pool the low-shot images are drawn from;
+  * the long-tailed pretraining rows among them: a second k-NN bank, more sensitive to tail
+    classes;
+  * the balanced test split (its first eval.max_test_examples rows): what every number is
+    measured on.
 For the k-NN and linear-probe predictions: top-1, per-class accuracy, balanced accuracy and the
 many/medium/few-shot groups (by pretraining class counts). The same k-NN for a randomly
 initialised encoder of the same config is reported alongside, because random ViT/CNN features
 are already far above chance on small images.
+
+The splits are sources, not pixels: evaluate() streams each one once, every process reading its
+own block, and the train features stay sharded over the devices (features.py); k-NN, the linear
+probe and low-shot run on them there. Nothing is held between evaluations.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from pmsn_jax.data import pipeline
 from pmsn_jax.evals import classwise, features, knn, linear, lowshot
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalData:
-  train_images: np.ndarray     # balanced train split, uint8 [N,H,W,C]
-  train_labels: np.ndarray
-  test_images: np.ndarray
-  test_labels: np.ndarray
-  pretrain_indices: np.ndarray  # rows of the train split used for pretraining
+class EvalSplits:
+  """What the suite measures on. Sources (sources.load_source's LabelledImages, ImageFiles or
+  TfdsImages): holding one reads no image."""
+  train: Any                # the balanced train split
+  test: Any
+  pretrain_rows: np.ndarray | None  # rows of `train` that pretraining used; None: all
   num_classes: int
 
-  def capped(self, max_train: int = 0, max_test: int = 0) -> "EvalData":
-    """The first max_train / max_test rows (0 = all); pretraining rows among them stay."""
-    n_train = min(max_train or len(self.train_labels), len(self.train_labels))
-    n_test = min(max_test or len(self.test_labels), len(self.test_labels))
-    return dataclasses.replace(
-        self, train_images=self.train_images[:n_train], train_labels=self.train_labels[:n_train],
-        test_images=self.test_images[:n_test], test_labels=self.test_labels[:n_test],
-        pretrain_indices=self.pretrain_indices[self.pretrain_indices < n_train])
 
-  @property
-  def pretrain_counts(self) -> list[int]:
-    labels = self.train_labels[self.pretrain_indices]
-    return np.bincount(labels, minlength=self.num_classes).tolist()
-
-
-def _knn(bank, bank_labels, queries, data: EvalData, cfg) -> np.ndarray:
-  return knn.knn_classify(bank, bank_labels, queries, num_classes=data.num_classes,
-                          k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
-
-
-def _classwise(pred, data: EvalData, cfg) -> tuple[list, dict, float]:
-  """(per-class accuracy, many/medium/few-shot group means, balanced accuracy) of `pred`."""
-  per_class = classwise.per_class_accuracy(pred, data.test_labels, data.num_classes)
-  many, few = cfg.eval.shot_thresholds
-  return (per_class, classwise.shot_groups(per_class, data.pretrain_counts, many, few),
-          classwise.balanced_accuracy(pred, data.test_labels, data.num_classes))
-
-
-def check(data: EvalData, config, *, linear_probe: bool = True) -> None:
-  """Raises ValueError if `config.eval` cannot run on `data` (a class with fewer train images
-  than the largest low-shot k). Cheap: call it before training, so the final evaluation does
-  not fail after the run."""
+def check(splits: EvalSplits, config, *, linear_probe: bool = True) -> None:
+  """Raises ValueError if `config.eval` cannot run on `splits` (a class with fewer train images
+  than the largest low-shot k), where the train labels are known without reading the split
+  (files and in-memory sources; a TFDS split is checked once its features exist). Call it
+  before training, so the final evaluation does not fail after the run."""
   shots = tuple(config.eval.lowshot_shots)
-  if linear_probe and shots:
-    lowshot.check_shots(data.train_labels, data.num_classes, max(shots))
+  labels = getattr(splits.train, "labels", None)
+  if linear_probe and shots and labels is not None:
+    n = pipeline.eval_split_size(splits.train, config.eval.max_train_examples)
+    lowshot.check_shots(labels[:n], splits.num_classes, max(shots))
 
 
-def evaluate(encode: Callable, random_encode: Callable | None, data: EvalData, config, mesh,
+def evaluate(encode: Callable, random_encode: Callable | None, splits: EvalSplits, config, mesh,
              *, linear_probe: bool = True) -> dict:
   """Returns the eval.json dict (without "step").
 
@@ -76,53 +61,87 @@ def evaluate(encode: Callable, random_encode: Callable | None, data: EvalData, c
   random_encode may be None (no random-init reference). linear_probe=False (the mid-training
   evals) runs the k-NN only: no linear probe, no low-shot.
   """
-  check(data, config, linear_probe=linear_probe)  # Seconds, not after feature extraction.
-  shots = tuple(config.eval.lowshot_shots) if linear_probe else ()
+  check(splits, config, linear_probe=linear_probe)  # Seconds, not after feature extraction.
+  e, num_classes = config.eval, splits.num_classes
+  shots = tuple(e.lowshot_shots) if linear_probe else ()
+  encoders = {"trained": encode} | ({"random": random_encode} if random_encode else {})
+  train = features.extract(encoders, splits.train, config, mesh, max_examples=e.max_train_examples)
+  test = features.extract(encoders, splits.test, config, mesh, max_examples=e.max_test_examples)
+  bank = train["trained"]
+  in_pretraining = bank.host_keys >= 0
+  if splits.pretrain_rows is not None:
+    in_pretraining &= np.isin(bank.host_keys, splits.pretrain_rows)
+  lt_keys = bank.keys_where(in_pretraining)
+  pretrain_counts = np.bincount(bank.host_labels[in_pretraining], minlength=num_classes).tolist()
+  if shots:  # A TFDS split's labels are known only now.
+    lowshot.check_shots(bank.host_labels[bank.order], num_classes, max(shots))
+  test_values, test_labels, _ = test["trained"].to_host()
 
-  def feats(fn, images):
-    return features.extract_features(fn, images, config.data,
-                                     batch_size=config.eval.batch_size, mesh=mesh)
+  def knn_pred(split_features, keys, queries):
+    return knn.knn_sharded(split_features.values, split_features.labels, keys, queries,
+                           mesh=mesh, num_classes=num_classes, k=e.knn_k,
+                           temperature=e.knn_temperature)[0]
 
-  train_f, test_f = feats(encode, data.train_images), feats(encode, data.test_images)
-  lt_f, lt_labels = train_f[data.pretrain_indices], data.train_labels[data.pretrain_indices]
-  knn_pred = _knn(train_f, data.train_labels, test_f, data, config)
-  per_class, groups, balanced = _classwise(knn_pred, data, config)
+  def classwise_of(pred):
+    """(per-class accuracy, many/medium/few-shot group means, balanced accuracy) of `pred`."""
+    per_class = classwise.per_class_accuracy(pred, test_labels, num_classes)
+    many, few = e.shot_thresholds
+    return (per_class, classwise.shot_groups(per_class, pretrain_counts, many, few),
+            classwise.balanced_accuracy(pred, test_labels, num_classes))
+
+  pred = knn_pred(bank, bank.keys, test_values)
+  per_class, groups, balanced = classwise_of(pred)
   result = {
-      "knn_top1": classwise.top1(knn_pred, data.test_labels),
-      "knn_lt_top1": classwise.top1(_knn(lt_f, lt_labels, test_f, data, config),
-                                    data.test_labels),
+      "knn_top1": classwise.top1(pred, test_labels),
+      "knn_lt_top1": classwise.top1(knn_pred(bank, lt_keys, test_values), test_labels),
       "knn_balanced_top1": balanced,
       # The k-NN's per-class accuracies and groups keep their first, unprefixed names.
       "per_class_top1": per_class,
       "per_class_classifier": "knn",
       "groups": groups,
-      "pretrain_class_counts": data.pretrain_counts,
-      "shot_thresholds": list(config.eval.shot_thresholds),
-      "features": config.eval.features,  # the encoder's readout (vit.FEATURE_READOUTS)
+      "pretrain_class_counts": pretrain_counts,
+      "shot_thresholds": list(e.shot_thresholds),
+      "features": e.features,  # the encoder's readout (vit.FEATURE_READOUTS)
   }
   if linear_probe:
-    pred = linear.linear_probe(train_f, data.train_labels, test_f, num_classes=data.num_classes,
-                               epochs=config.eval.linear_epochs, batch_size=
-                               config.eval.linear_batch_size, learning_rate=config.eval.linear_lr,
-                               seed=config.seed)
-    per_class, groups, balanced = _classwise(pred, data, config)
-    result.update(linear_top1=classwise.top1(pred, data.test_labels),
+    pred = linear.predict(_train_linear_probe(encode, bank, splits, config, mesh), test_values)
+    per_class, groups, balanced = classwise_of(pred)
+    result.update(linear_top1=classwise.top1(pred, test_labels),
                   linear_balanced_top1=balanced, linear_per_class_top1=per_class,
                   linear_groups=groups)
   if shots:
-    result["lowshot"] = lowshot.lowshot(
-        train_f, data.train_labels, test_f, data.test_labels, num_classes=data.num_classes,
-        shots=shots, splits=config.eval.lowshot_splits, seed=config.eval.lowshot_seed,
-        l2=config.eval.lowshot_l2)
-  if random_encode is not None:
-    r_train, r_test = feats(random_encode, data.train_images), feats(random_encode,
-                                                                     data.test_images)
-    r_lt = r_train[data.pretrain_indices]
+    pool = bank.order  # The pool in row order: the draws do not depend on the layout.
+    result["lowshot"] = lowshot.lowshot_from(
+        bank.host_labels[pool], lambda rows: bank.take(pool[rows]), test_values, test_labels,
+        num_classes=num_classes, shots=shots, splits=e.lowshot_splits, seed=e.lowshot_seed,
+        l2=e.lowshot_l2)
+  if "random" in train:
+    random_test, _, _ = test["random"].to_host()
     result["random_init_knn_top1"] = classwise.top1(
-        _knn(r_train, data.train_labels, r_test, data, config), data.test_labels)
+        knn_pred(train["random"], bank.keys, random_test), test_labels)
     result["random_init_knn_lt_top1"] = classwise.top1(
-        _knn(r_lt, lt_labels, r_test, data, config), data.test_labels)
+        knn_pred(train["random"], lt_keys, random_test), test_labels)
   return result
+
+
+def _train_linear_probe(encode, bank: features.SplitFeatures, splits: EvalSplits, config,
+                        mesh) -> dict:
+  """The probe's params, by config.eval.linear_protocol (configs/common.py)."""
+  e = config.eval
+  if e.get("linear_protocol", "features") == "features":
+    return linear.train_probe_sharded(
+        bank.values, bank.labels, jnp.where(bank.keys >= 0, 1.0, 0.0), mesh=mesh,
+        num_classes=splits.num_classes, epochs=e.linear_epochs, batch_size=e.linear_batch_size,
+        learning_rate=e.linear_lr, seed=config.seed)
+  processes = jax.process_count()
+  steps = pipeline.eval_num_batches(
+      pipeline.eval_split_size(splits.train, e.max_train_examples),
+      e.linear_batch_size // processes, processes)
+  return linear.train_probe_streamed(
+      lambda epoch: features.linear_eval_epoch(encode, splits.train, config, mesh, epoch=epoch,
+                                               max_examples=e.max_train_examples),
+      mesh=mesh, num_classes=splits.num_classes, epochs=e.linear_epochs,
+      steps_per_epoch=steps, learning_rate=e.linear_lr, seed=config.seed)
 
 
 def scalars(result: dict) -> dict[str, float]:
