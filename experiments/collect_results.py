@@ -10,8 +10,8 @@ runs/ does not outlive a session, so --keep=FILE adds or replaces the regimes co
 and copies every other regime's rows (and the raw-pixel rows, unless --raw_pixels is given) from
 an earlier results.json.
 
-Each --report=REGIME:DIR is the --out of `python -m pmsn_jax.report` (its results.json and
-paired.json); REGIME names the table it came from. The rows follow issue 7's schema:
+Each --report=REGIME:DIR is the --out of `python -m pmsn_jax.analysis.report` (its results.json
+and paired.json); REGIME names the table it came from. The rows follow issue 7's schema:
   method rows  {"regime", "method", "label", "prior", "prior_exponent", "prior_order",
                 "kl_direction", "features", "sinkhorn_marginal", "seeds", "knn_top1_mean",
                 "knn_top1_std", "linear_top1_mean", "few_top1_mean", "cpu_minutes"}; method is
@@ -39,7 +39,7 @@ def _load(path: str):
 def method_rows(regime: str, report_dir: str) -> list[dict]:
   rows = []
   for row in _load(os.path.join(report_dir, "results.json")):
-    msn = row["msn"]  # the report's own test (pmsn_jax.report.is_msn)
+    msn = row["msn"]  # the report's own test (analysis.report.is_msn)
     rows.append({"regime": regime, "method": "msn" if msn else "pmsn", "label": row["method"],
                  "prior": row["prior"],
                  "prior_exponent": None if msn else row["prior_exponent"],
@@ -123,10 +123,10 @@ def main():
   for spec in args.report:
     regime, sep, report_dir = spec.partition(":")
     if not sep or not os.path.exists(os.path.join(report_dir, "results.json")):
-      parser.error(f"--report={spec}: give REGIME:DIR, DIR the --out of pmsn_jax.report")
+      parser.error(f"--report={spec}: give REGIME:DIR, DIR the --out of pmsn_jax.analysis.report")
     if any("msn" not in row for row in _load(os.path.join(report_dir, "results.json"))):
       parser.error(f"--report={spec}: its results.json predates the report's \"msn\" column; "
-                   f"rerun python -m pmsn_jax.report with --out={report_dir}")
+                   f"rerun python -m pmsn_jax.analysis.report with --out={report_dir}")
     rows += random_init_rows(regime, report_dir) + method_rows(regime, report_dir)
     pairs += paired_rows(regime, report_dir)
   if args.keep:

@@ -24,8 +24,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pmsn_jax import paired, report  # noqa: E402
-from pmsn_jax.run_dir import RunDirError, is_number, load_run  # noqa: E402
+from pmsn_jax.analysis import paired, report  # noqa: E402
+from pmsn_jax.analysis.runs import RunDirError, is_number, load_run  # noqa: E402
 
 LAST_ROWS = 3  # training log rows averaged for the clustering columns (one batch each)
 DIFFERENCES = (("knn_top1", "Δ k-NN"), ("knn_lt_top1", "Δ LT-bank k-NN"),
@@ -51,7 +51,7 @@ def cell_of(config: dict) -> tuple[float, int]:
 
 def _partner_key(run) -> tuple[str, object]:
   """Runs with equal keys differ only in the loss: the pairing rule of the report's paired
-  comparisons (pmsn_jax/paired.py)."""
+  comparisons (pmsn_jax/analysis/paired.py)."""
   return paired.setting_key(report.flatten(run.config)), run.seed
 
 
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
   cells = [(r["pmsn"], r["imbalance_ratio"], r["num_prototypes"], r["seed"]) for r in rows]
   if len(set(cells)) < len(cells):
     parser.error(f"{args.runs_dir} holds pairs that differ in more than imbalance and K (e.g. "
-                 f"the minibatch plan's skews); use pmsn_jax.report for those")
+                 f"the minibatch plan's skews); use pmsn_jax.analysis.report for those")
   if not rows:
     parser.error(f"{args.runs_dir} holds no evaluated PMSN run with an evaluated MSN run of the "
                  f"same imbalance, K and seed; run `experiments/sweep.py imbalance` first")

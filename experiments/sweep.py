@@ -11,7 +11,8 @@ updated every minute; wall_s and core_s (wall x cores) are summed over the parts
 run — the report's CPU minutes are core_s / 60. SIGTERM to the driver (a session's end, a
 preemption) starts no further run and passes the signal to the running ones, which save a
 checkpoint and exit; rerunning the same command resumes them.
-Then `python -m pmsn_jax.report RUNS/PLAN/* --out=RUNS/PLAN/report` makes the tables and plots.
+Then `python -m pmsn_jax.analysis.report RUNS/PLAN/* --out=RUNS/PLAN/report` makes the tables
+and plots.
 
 Plans (issue 7; docs/results.md says which ran, how long they took, and what they showed):
   prior_grid   MSN vs PMSN tau_p in {0.25, 0.5, 1} x Sinkhorn marginal in {prior, uniform,
@@ -140,8 +141,8 @@ def length_overrides(steps: int) -> list[str]:
 
 def single_threaded_env() -> dict[str, str]:
   """Environment for a run confined to one core: XLA's Eigen pool and TF's pools at 1 thread.
-  On 2 cores, two such runs side by side gave 1.4x the images/s of one 2-thread run
-  (ENVIRONMENT.md calibration)."""
+  On the 2-core machines of the campaign, two such runs side by side gave 1.4x the images/s of
+  one 2-thread run."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
   env.update(TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1", OMP_NUM_THREADS="1")

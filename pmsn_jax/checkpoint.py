@@ -7,7 +7,8 @@ directory renamed at the end), so a crash mid-save leaves the previous step rest
 Export: `workdir/export/{params/, model_config.json}`: the EMA target encoder (the model that is
 evaluated) plus everything `load_encoder` needs to rebuild and feed it. An export may also hold
 `head/`: the projection head (with its BatchNorm statistics) and the prototypes, which encoder
-consumers never read but a warm start and the PyTorch conversion do (interop.py).
+consumers never read but a warm start and the PyTorch conversion do (warm_start.py,
+timm_writer.py).
 
 Every directory here may be a URL (gs://bucket/run/checkpoints): Orbax gets it unchanged (local
 paths are made absolute), and the JSON beside it goes through the same path API (paths.py).

@@ -1,4 +1,4 @@
-"""Converts weights between pmsn_jax and PyTorch (interop.py; docs/interop.md):
+"""Converts weights between pmsn_jax and PyTorch (msn_reader.py, timm_writer.py; docs/interop.md):
 
   python -m pmsn_jax.convert from-msn --checkpoint=FILE.pth.tar --out=EXPORT_DIR
       [--which=target_encoder|encoder] [--config=configs/<file>.py[:arg] [--config.<key>=...]]
@@ -55,16 +55,16 @@ def main(argv):
     if len(argv) != 2 or argv[1] not in COMMANDS:
       raise ValueError(f"expected one command, {' or '.join(COMMANDS)}; got {argv[1:]} "
                        f"(python -m pmsn_jax.convert --help)")
-    from pmsn_jax import interop  # JAX and the model: after flag parsing
+    from pmsn_jax import msn_reader, timm_writer  # JAX and the model: after flag parsing
     if argv[1] == "from-msn":
       _require(fv, "checkpoint", "the MSN .pth.tar file")
       _require(fv, "out", "the export directory to write")
-      lines = interop.from_msn(fv.checkpoint, fv.out, which=fv.which, config=fv.config,
-                               num_heads=fv.num_heads)
+      lines = msn_reader.from_msn(fv.checkpoint, fv.out, which=fv.which, config=fv.config,
+                                  num_heads=fv.num_heads)
     else:
       _require(fv, "export", "the export directory to convert")
       _require(fv, "out", "the .safetensors file to write")
-      lines = interop.to_timm(fv.export, fv.out)
+      lines = timm_writer.to_timm(fv.export, fv.out)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(USER_ERROR_EXIT)

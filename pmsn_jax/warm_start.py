@@ -2,7 +2,7 @@
 continued with PMSN.
 
 init_from names an official MSN checkpoint (.pth.tar, as facebookresearch/msn saves it; read
-with torch.load(weights_only=True), interop.py) or a pmsn_jax export directory (a run's
+with torch.load(weights_only=True), msn_reader.py) or a pmsn_jax export directory (a run's
 WORKDIR/export, or what `python -m pmsn_jax.convert from-msn` writes). Loaded into a fresh train
 state:
   * from a .pth.tar: the online encoder and head from its "encoder", the EMA target encoder and
@@ -17,7 +17,7 @@ optimizer state belongs to another schedule and parameter grouping.
 
 Only a run that starts without checkpoints is warm-started (train.py); a resumed run restores
 its own state. The architecture must be the config's: a mismatch is one line naming the
-override that fixes it (interop.check_against_config).
+override that fixes it (msn_reader.check_against_config).
 """
 
 from __future__ import annotations
@@ -30,15 +30,15 @@ import jax
 import numpy as np
 from flax import nnx
 
-from pmsn_jax import checkpoint, interop, paths, step
+from pmsn_jax import checkpoint, msn_reader, paths, state_dicts, step
 
 
 @dataclasses.dataclass
 class Weights:
   """What a warm start loads: the online and target backbones and the prototypes."""
   source: str
-  online: interop.Backbone
-  target: interop.Backbone
+  online: msn_reader.Backbone
+  target: msn_reader.Backbone
   prototypes: np.ndarray | None
 
   def describe(self) -> str:
@@ -47,7 +47,7 @@ class Weights:
     fresh = [name for name, present in (("heads", self.online.head is not None),
                                         ("prototypes", self.prototypes is not None))
              if not present]
-    return (f"warm start from {self.source}: a {interop.describe(self.online.vit)}; loaded "
+    return (f"warm start from {self.source}: a {state_dicts.describe(self.online.vit)}; loaded "
             f"{', '.join(loaded)}" + (f"; freshly initialised: {', '.join(fresh)}" if fresh
                                       else "") + "; optimizer and schedules start at step 0")
 
@@ -62,15 +62,16 @@ def load(config) -> Weights:
   if is_export(source):
     _, cfg, params = checkpoint.read_export(source)
     head = checkpoint.read_head(source)
-    backbone = interop.Backbone(cfg, params, head and head["params"], head and head["batch_stats"])
+    backbone = msn_reader.Backbone(cfg, params, head and head["params"],
+                                   head and head["batch_stats"])
     weights = Weights(source, backbone, backbone, head and head["prototypes"])
   else:
-    ckpt = interop.read_msn_checkpoint(source, config=config)
+    ckpt = msn_reader.read_msn_checkpoint(source, config=config)
     online = ckpt.backbones.get("encoder", ckpt.backbones.get("target_encoder"))
     target = ckpt.backbones.get("target_encoder", online)
     weights = Weights(source, online, target, ckpt.prototypes)
   for name, backbone in (("online", weights.online), ("target", weights.target)):
-    interop.check_against_config(
+    msn_reader.check_against_config(
         backbone.vit, config, head=backbone.head, prototypes=weights.prototypes,
         what=source if weights.online is weights.target else f"{source} ({name} encoder)")
   return weights
@@ -79,7 +80,7 @@ def load(config) -> Weights:
 def apply(state: step.TrainState, weights: Weights) -> step.TrainState:
   """`state` with the loaded weights in place of the encoders, heads, head statistics and
   prototypes. Pure: a new state; every new leaf keeps the old one's sharding and dtype."""
-  def backbone(b: interop.Backbone) -> dict:
+  def backbone(b: msn_reader.Backbone) -> dict:
     return {"encoder": b.encoder, **({"head": b.head} if b.head is not None else {})}
 
   params = {"online": backbone(weights.online)}

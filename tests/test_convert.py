@@ -1,5 +1,6 @@
-"""PyTorch interop (interop.py, convert.py): official MSN checkpoints in, timm weights out, and
-numerical parity with timm's VisionTransformer and MSN's projection head.
+"""PyTorch interop (msn_reader.py, timm_writer.py, state_dicts.py, convert.py): official MSN
+checkpoints in, timm weights out, and numerical parity with timm's VisionTransformer and MSN's
+projection head.
 
 The checkpoints are tiny fakes in the official layout (tests/msn_fixture.py). The measured
 differences are printed (pytest -s) and tabulated in docs/interop.md.
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pmsn_jax import checkpoint, interop, load_encoder
+from pmsn_jax import checkpoint, load_encoder, msn_reader, state_dicts, timm_writer
 from pmsn_jax.models import heads, vit
 from tests.subprocess_runs import ROOT
 
@@ -44,7 +45,7 @@ def converted(tmp_path_factory):
   path = str(root / "msn-vit-ep600.pth.tar")
   modules = msn_fixture.write_checkpoint(path, SIZE)
   export = str(root / "export")
-  lines = interop.from_msn(path, export, num_heads=SIZE.num_heads)
+  lines = msn_reader.from_msn(path, export, num_heads=SIZE.num_heads)
   assert "with its projection head and 10 prototypes" in lines[0]
   return modules, path, export
 
@@ -81,7 +82,7 @@ def test_cls_features_match_timm_at_224(converted):
   # The same through load_encoder, which users call: raw pixels, normalised with the export's
   # mean/std (ImageNet's, as MSN's evaluations use).
   pixels = np.random.default_rng(1).integers(0, 256, (3, 224, 224, 3)).astype(np.uint8)
-  normalised = ((pixels / 255.0 - interop.MSN_MEAN) / interop.MSN_STD).astype(np.float32)
+  normalised = ((pixels / 255.0 - msn_reader.MSN_MEAN) / msn_reader.MSN_STD).astype(np.float32)
   got = np.asarray(load_encoder(export)(pixels))
   np.testing.assert_allclose(got, timm_features(timm_twin(modules["target_encoder"][0]),
                                                 normalised), atol=TOLERANCE, rtol=0)
@@ -160,7 +161,7 @@ def test_projection_head_matches_msn_with_batchnorm_in_both_modes(converted):
 def test_from_msn_then_to_timm_equals_from_msn_in_pmsn_jax(converted, tmp_path):
   modules, _, export = converted
   out = str(tmp_path / "vit.safetensors")
-  lines = interop.to_timm(export, out)
+  lines = timm_writer.to_timm(export, out)
   code = next(line.split("model = ", 1)[1] for line in lines if "model = " in line)
   assert code.startswith("timm.models.vision_transformer.VisionTransformer(img_size=224, ")
   model = eval(code, {"timm": timm}).eval()  # the printed model, loaded as printed
@@ -176,7 +177,7 @@ def test_from_msn_then_to_timm_equals_from_msn_in_pmsn_jax(converted, tmp_path):
   for key, value in safetensors_torch.load_file(out).items():
     assert torch.equal(value, original[key]), key
 
-  head_file = interop.head_path(out)
+  head_file = timm_writer.head_path(out)
   assert head_file == str(tmp_path / "vit.head.safetensors")
   tensors = safetensors_torch.load_file(head_file)
   prototypes = tensors.pop("prototypes")
@@ -196,9 +197,9 @@ def test_a_training_export_goes_to_timm_without_a_head(tmp_path):
   checkpoint.export_encoder(str(tmp_path / "export"), nnx.state(encoder), cfg, (0.286,),
                             (0.353,))
   out = str(tmp_path / "demo.safetensors")
-  lines = interop.to_timm(str(tmp_path / "export"), out)
+  lines = timm_writer.to_timm(str(tmp_path / "export"), out)
   assert any("no projection head or prototypes" in line for line in lines)
-  assert not os.path.exists(interop.head_path(out))
+  assert not os.path.exists(timm_writer.head_path(out))
   code = next(line.split("model = ", 1)[1] for line in lines if "model = " in line)
   assert "in_chans=1" in code and "patch_size=7" in code
   model = eval(code, {"timm": timm}).eval()
@@ -214,28 +215,28 @@ def test_size_errors_name_the_variant_to_pass():
   with pytest.raises(ValueError, match=r"^embed dim 768 in the checkpoint, 384 in the config: "
                                        r"the checkpoint is a ViT-B/16, pass "
                                        r"--config\.model\.variant=B/16$"):
-    interop.check_against_config(base, common.get_base_config())
+    msn_reader.check_against_config(base, common.get_base_config())
   large7 = vit.ViTConfig(width=1024, depth=24, num_heads=16, patch_size=7, image_size=224)
   config = common.get_base_config()
   config.model.variant = "L/16"
   with pytest.raises(ValueError, match=r"^patch size 7 in the checkpoint, 16 in the config: "
                                        r"the checkpoint is a ViT-L/7"):
-    interop.check_against_config(large7, config)
+    msn_reader.check_against_config(large7, config)
 
 
 def test_the_layout_mappings_invert_each_other_and_accept_unscanned_blocks():
   cfg = vit.ViTConfig(width=32, depth=3, num_heads=2, patch_size=4, image_size=16)
   model = vit.ViT(cfg, rngs=nnx.Rngs(5))
   stacked = {k: v for k, v in jax_to_numpy(nnx.state(model).to_pure_dict()).items()}
-  state = interop.params_to_timm(stacked, cfg)
-  assert list(state) == interop.timm_keys(cfg)
-  back = interop.timm_to_params(state, cfg)
+  state = state_dicts.params_to_timm(stacked, cfg)
+  assert list(state) == state_dicts.timm_keys(cfg)
+  back = state_dicts.timm_to_params(state, cfg)
   for a, b in zip(leaves(back), leaves(stacked)):
     np.testing.assert_array_equal(a, b)
   unscanned = dict(stacked, blocks={i: {layer: {k: v[i] for k, v in p.items()}
                                         for layer, p in stacked["blocks"].items()}
                                     for i in range(cfg.depth)})
-  for key, value in interop.params_to_timm(unscanned, cfg).items():
+  for key, value in state_dicts.params_to_timm(unscanned, cfg).items():
     np.testing.assert_array_equal(value, state[key])
 
 
@@ -247,16 +248,16 @@ def leaves(tree):
   return jax.tree.leaves(tree)
 
 
-@pytest.mark.parametrize("name", sorted(set(interop.TIMM_NAMES.values())))
+@pytest.mark.parametrize("name", sorted(set(timm_writer.TIMM_NAMES.values())))
 def test_the_named_timm_models_have_pmsn_jax_architectures(name):
   """timm_model_code prints these names: each must be pmsn_jax's ViT at 224 px (built on the
   meta device: no memory for ViT-H's weights)."""
-  (width, depth, num_heads, patch), = [k for k, v in interop.TIMM_NAMES.items() if v == name]
+  (width, depth, num_heads, patch), = [k for k, v in timm_writer.TIMM_NAMES.items() if v == name]
   with torch.device("meta"):
     model = timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True)
   cfg = vit.ViTConfig(width=width, depth=depth, num_heads=num_heads, patch_size=patch,
                       image_size=224)
-  assert list(model.state_dict()) == interop.timm_keys(cfg)
+  assert list(model.state_dict()) == state_dicts.timm_keys(cfg)
   assert model.patch_embed.proj.weight.shape == (width, 3, patch, patch)
   assert model.pos_embed.shape == (1, 1 + cfg.grid ** 2, width)
   block = model.blocks[0]
@@ -266,7 +267,7 @@ def test_the_named_timm_models_have_pmsn_jax_architectures(name):
   assert model.global_pool == "token" and not model.no_embed_class
   assert isinstance(model.norm_pre, torch.nn.Identity)
   assert isinstance(model.fc_norm, torch.nn.Identity)
-  assert interop.timm_model_code(cfg).startswith(f'timm.create_model("{name}"')
+  assert timm_writer.timm_model_code(cfg).startswith(f'timm.create_model("{name}"')
 
 
 # --------------------------------------------------------------- safe loading, errors
@@ -281,7 +282,7 @@ def test_a_pickle_with_code_is_refused_without_running_it(tmp_path, capfd):
   torch.save({"encoder": {"module.pos_embed": torch.zeros(1)}, "x": Payload()}, path)
   with pytest.raises(ValueError, match=r"holds code in its pickle \(it would call "
                                        r"(posix|os)\.system\)") as error:
-    interop.read_msn_checkpoint(path)
+    msn_reader.read_msn_checkpoint(path)
   assert "\n" not in str(error.value)
   assert "owned" not in capfd.readouterr().out
 
@@ -291,7 +292,7 @@ def test_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path, content):
   path = tmp_path / "x.pth.tar"
   path.write_bytes(content)
   with pytest.raises(ValueError, match=r"is not a PyTorch checkpoint") as error:
-    interop.read_msn_checkpoint(path)
+    msn_reader.read_msn_checkpoint(path)
   assert "\n" not in str(error.value)
 
 
@@ -300,9 +301,9 @@ def test_a_checkpoint_without_msn_encoders_is_named(tmp_path):
   torch.save({"state_dict": {"w": torch.zeros(2)}, "epoch": 3}, path)
   with pytest.raises(ValueError, match=r"is not an MSN checkpoint: it holds a dict with keys "
                                        r"\['epoch', 'state_dict'\]"):
-    interop.read_msn_checkpoint(path)
+    msn_reader.read_msn_checkpoint(path)
   with pytest.raises(FileNotFoundError, match="not found"):
-    interop.read_msn_checkpoint(tmp_path / "nowhere.pth.tar")
+    msn_reader.read_msn_checkpoint(tmp_path / "nowhere.pth.tar")
 
 
 def test_a_checkpoint_of_another_size_is_named_against_the_config(converted, tmp_path):
@@ -312,21 +313,21 @@ def test_a_checkpoint_of_another_size_is_named_against_the_config(converted, tmp
   with pytest.raises(ValueError, match=r"^embed dim 64 in .*\['target_encoder'\], 384 in the "
                                        r"config: pass --config\.model\.width=64 "
                                        r"--config\.model\.depth=2"):
-    interop.from_msn(path, str(tmp_path / "out"), config=config)
+    msn_reader.from_msn(path, str(tmp_path / "out"), config=config)
   config.model.update(variant="mu/16", width=SIZE.width, depth=SIZE.depth)
   with pytest.raises(ValueError, match=r"projection head hidden dim 48 in .*, 2048 "
                                        r"in the config: pass --config.model.hidden_dim=48"):
-    interop.from_msn(path, str(tmp_path / "out"), config=config)
+    msn_reader.from_msn(path, str(tmp_path / "out"), config=config)
   config.model.update(hidden_dim=SIZE.hidden, output_dim=SIZE.output)
   with pytest.raises(ValueError, match=r"prototypes 10 in .*, 1024 in the config"):
-    interop.from_msn(path, str(tmp_path / "out"), config=config)
+    msn_reader.from_msn(path, str(tmp_path / "out"), config=config)
   config.model.num_prototypes = SIZE.prototypes
   config.data.image_size = 96
   with pytest.raises(ValueError, match=r"position table of 14x14 patches \(224 px\) in .*, "
                                        r"6x6 \(96 px\) in the config"):
-    interop.from_msn(path, str(tmp_path / "out"), config=config)
+    msn_reader.from_msn(path, str(tmp_path / "out"), config=config)
   config.data.image_size = 224
-  lines = interop.from_msn(path, str(tmp_path / "out"), which="encoder", config=config)
+  lines = msn_reader.from_msn(path, str(tmp_path / "out"), which="encoder", config=config)
   assert "the encoder of" in lines[0]
 
 
@@ -343,13 +344,13 @@ def test_an_official_width_keeps_its_official_heads(tmp_path):
   config.data.image_size = 32
   with pytest.raises(ValueError, match=r"^attention heads 6 in .*\['encoder'\], 8 in the config: "
                                        r"pass --config\.model\.num_heads=6$"):
-    interop.from_msn(path, str(tmp_path / "out"), which="encoder", config=config)
+    msn_reader.from_msn(path, str(tmp_path / "out"), which="encoder", config=config)
   config.model.num_heads = 6
-  lines = interop.from_msn(path, str(tmp_path / "out"), which="encoder", config=config)
+  lines = msn_reader.from_msn(path, str(tmp_path / "out"), which="encoder", config=config)
   assert "6 heads" in lines[0]
   with pytest.raises(ValueError, match=r"has no 'target_encoder' state dict \(it has "
                                        r"\['encoder'\]\): pass --which=encoder"):
-    interop.from_msn(path, str(tmp_path / "out"))
+    msn_reader.from_msn(path, str(tmp_path / "out"))
 
 
 def test_cli_converts_both_ways_and_errors_are_one_line(converted, tmp_path):
@@ -376,8 +377,8 @@ def test_cli_converts_both_ways_and_errors_are_one_line(converted, tmp_path):
 
 
 def test_importing_pmsn_jax_never_imports_torch():
-  code = ("import sys, pmsn_jax, pmsn_jax.checkpoint, pmsn_jax.interop, pmsn_jax.convert, "
-          "pmsn_jax.warm_start, pmsn_jax.validation\n"
+  code = ("import sys, pmsn_jax, pmsn_jax.checkpoint, pmsn_jax.msn_reader, pmsn_jax.timm_writer, "
+          "pmsn_jax.state_dicts, pmsn_jax.convert, pmsn_jax.warm_start, pmsn_jax.validation\n"
           "print(sorted(m for m in ('torch', 'timm', 'safetensors') if m in sys.modules))")
   proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                         timeout=120, env=dict(os.environ, XLA_FLAGS=""))

@@ -340,7 +340,7 @@ def test_collect_results_writes_method_and_paired_rows(tmp_path):
   (report / "results.json").write_text(json.dumps(table))
   old = subprocess.run([sys.executable, "experiments/collect_results.py", f"--out={out}",
                         f"--report=prior_grid:{report}"], cwd=ROOT, capture_output=True, text=True)
-  assert old.returncode == 2 and "rerun python -m pmsn_jax.report" in old.stderr
+  assert old.returncode == 2 and "rerun python -m pmsn_jax.analysis.report" in old.stderr
 
 
 def test_imbalance_map_pairs_cells_and_seeds(tmp_path):

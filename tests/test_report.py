@@ -1,6 +1,7 @@
 """The report: seed grouping and mean ± std on hand-made runs, its CLI errors, the whole report
 on two tiny smoke trainings, and the Figure 1 toy's splits."""
 
+import importlib.util
 import json
 import os
 import re
@@ -9,7 +10,8 @@ import sys
 
 import pytest
 
-from pmsn_jax import report, run_dir
+from pmsn_jax.analysis import report
+from pmsn_jax.analysis.runs import Run, load_run
 from tests import subprocess_runs
 from tests.subprocess_runs import ROOT
 
@@ -65,11 +67,11 @@ def _pngs_linked(markdown, out):
 # --- aggregation, on hand-made eval.json dicts -------------------------------------------------
 
 def test_groups_seeds_and_aggregates_mean_and_sample_std():
-  runs = [report.Run("a", _config(0), _eval(0.80)),
-          report.Run("b", _config(1), _eval(0.82)),
-          report.Run("c", _config(0, "uniform", "uniform"), _eval(0.75, lowshot={
+  runs = [Run("a", _config(0), _eval(0.80)),
+          Run("b", _config(1), _eval(0.82)),
+          Run("c", _config(0, "uniform", "uniform"), _eval(0.75, lowshot={
               "1": {"mean": 0.3, "std": 0.01}, "5": [0.5, 0.7]})),
-          report.Run("d", _config(0, imbalance_ratio=10.0))]  # no eval.json
+          Run("d", _config(0, imbalance_ratio=10.0))]  # no eval.json
   groups = report.group_runs(runs)
   # Groups sharing a method label are told apart by the config keys where they differ.
   pmsn = "PMSN τ_p=0.25, Sinkhorn prior"
@@ -130,13 +132,12 @@ def test_runs_from_before_a_config_key_group_with_runs_that_have_its_default(tmp
   new["data"]["class_order"] = []  # config.json's form of the default ()
   old = _config(0)
   del old["loss"]["kl_direction"]
-  runs = [run_dir.load_run(_write_run(tmp_path / name, config, _eval(0.8)))
+  runs = [load_run(_write_run(tmp_path / name, config, _eval(0.8)))
           for name, config in (("old", old), ("new", new))]
   groups = report.group_runs(runs)
   assert len(groups) == 1 and [r.seed for r in groups[0].runs] == [0, 1]
   # results.json names the order for PMSN (old runs read as "fixed"), none for MSN.
-  msn = run_dir.load_run(_write_run(tmp_path / "msn", _config(0, "uniform", "uniform"),
-                                    _eval(0.8)))
+  msn = load_run(_write_run(tmp_path / "msn", _config(0, "uniform", "uniform"), _eval(0.8)))
   _, rows = report.results_table(report.group_runs(runs + [msn]))
   assert [row["prior_order"] for row in rows] == ["fixed", None]
   assert [row["features"] for row in rows] == ["cls", "cls"]  # eval.features' default
@@ -146,7 +147,7 @@ def test_runs_from_before_a_config_key_group_with_runs_that_have_its_default(tmp
 def test_one_run_scored_with_two_readouts_is_two_labelled_rows(tmp_path):
   scored, rescored = _config(0), _config(0)
   scored["eval"], rescored["eval"] = {"features": "cls"}, {"features": "cls_avgpool"}
-  runs = [run_dir.load_run(_write_run(tmp_path / name, config, _eval(knn)))
+  runs = [load_run(_write_run(tmp_path / name, config, _eval(knn)))
           for name, config, knn in (("cls", scored, 0.8), ("both", rescored, 0.82))]
   _, rows = report.results_table(report.group_runs(runs))
   assert [row["features"] for row in rows] == ["cls", "cls_avgpool"]
@@ -245,6 +246,30 @@ def test_bad_run_dirs_fail_in_one_line_with_status_2(tmp_path, capsys):
   assert exit_info.value.code == 2 and capsys.readouterr().err.count("\n") == 1
 
 
+def test_without_matplotlib_the_cli_names_the_extra_in_one_line(tmp_path, capsys, monkeypatch):
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
+  assert report.main([_write_run(tmp_path / "run", _config(0)), "--out", str(tmp_path)]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and ".[analysis]" in err
+
+
+# --- the analysis package stays out of the core ------------------------------------------------
+
+def test_training_and_evaluation_never_import_the_analysis_package():
+  # Campaign analysis (and its optional matplotlib) must not become a dependency of the core.
+  # matplotlib is made unimportable rather than looked for in sys.modules: where it is installed,
+  # `import tensorflow` loads it through keras (which tolerates its absence), not through us.
+  code = ("import sys; sys.modules['matplotlib'] = None\n"
+          "import pmsn_jax.evaluate, pmsn_jax.main, pmsn_jax.train\n"
+          "print(sorted(m for m in sys.modules if m.startswith('pmsn_jax.analysis')))")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
 # --- the Figure 1 toy ---------------------------------------------------------------------------
 
 def test_toy_uniform_prior_splits_the_big_blob_power_law_keeps_blobs(tmp_path):
@@ -291,8 +316,9 @@ def test_report_on_two_tiny_smoke_runs(tmp_path):
     log.close()
 
   out = tmp_path / "report"
-  proc = subprocess.run([sys.executable, "-m", "pmsn_jax.report", *workdirs, "--out", str(out)],
-                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+      [sys.executable, "-m", "pmsn_jax.analysis.report", *workdirs, "--out", str(out)],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]
   markdown = (out / "report.md").read_text()
   assert all(workdir in markdown for workdir in workdirs)

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from configs import demo
-from pmsn_jax import checkpoint, interop, sharding, step, validation, warm_start
+from pmsn_jax import checkpoint, msn_reader, sharding, step, validation, warm_start
 from pmsn_jax.models import vit
 
 # A safety net: requirements-test.txt installs torch and timm (msn_fixture imports both).
@@ -105,8 +105,8 @@ def test_warm_start_from_a_converted_export(fresh, msn_file, tmp_path):
   path, modules = msn_file
   export = str(tmp_path / "export")
   with pytest.raises(ValueError, match="a 1-channel model, not MSN's RGB one: pass the --config"):
-    interop.from_msn(path, export, num_heads=SIZE.num_heads)  # whose mean/std to export?
-  interop.from_msn(path, export, config=tiny_config())
+    msn_reader.from_msn(path, export, num_heads=SIZE.num_heads)  # whose mean/std to export?
+  msn_reader.from_msn(path, export, config=tiny_config())
   new = warm_start.warm_start(state, tiny_config(export))
   assert_same_placement(new, state)
   model = nnx.merge(graphdef, new.params, new.target, new.batch_stats, copy=True)

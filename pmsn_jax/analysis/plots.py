@@ -1,19 +1,17 @@
-"""The report's plots (pmsn_jax/report.py): one PNG each, matplotlib only, no pyplot state.
+"""The report's plots (pmsn_jax/analysis/report.py): one PNG each, matplotlib only, no pyplot
+state.
 
-Split from report.py so that module holds grouping, the table and the CLI (run_dir.py: loading).
+Split from report.py so that module holds grouping, the table and the CLI (runs.py: loading).
+It imports runs.py only, never report.py, so the two never import each other.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pmsn_jax.run_dir import Run, is_number
-
-if TYPE_CHECKING:  # type hints only: report.py imports this module
-  from pmsn_jax.report import Group
+from pmsn_jax.analysis.runs import Group, Run, is_number
 
 # Logged at every step but set by the config (schedules) or the machine, not learned.
 NOT_CURVES = ("step", "img_per_s", "eta_s", "skipped_images", "learning_rate", "weight_decay",
@@ -31,7 +29,8 @@ CLASSIFIERS = {"knn": "k-NN", "linear": "linear"}  # eval.json's per_class_class
 
 def _panels(count: int, ncols: int = 3, size=(4.4, 3.2)):
   """A figure of `count` panels in a grid (pyplot-free: no backend, no global state)."""
-  from matplotlib.figure import Figure  # here, so that `import pmsn_jax.report` stays light
+  # Here, so that importing the report (its grouping and table) needs no matplotlib.
+  from matplotlib.figure import Figure
   ncols = max(1, min(ncols, count))
   nrows = math.ceil(count / ncols)
   fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")

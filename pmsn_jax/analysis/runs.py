@@ -1,14 +1,19 @@
 """Reading one run directory for the report: what pmsn_jax.main (and experiments/sweep.py)
-left there, tolerant of runs that are unfinished or still being written."""
+left there, tolerant of runs that are unfinished or still being written.
+
+The lowest layer of pmsn_jax.analysis: the Run and Group records live here, so plots.py and
+report.py can both use them without importing each other.
+"""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
 import os
 
+# Core's defaults for config keys newer than a run: evaluate.py reads config.json with them too.
+from pmsn_jax.validation import with_added_keys
 
 # What the report loses without each optional input of a run.
 OPTIONAL_INPUTS = {
@@ -22,25 +27,6 @@ class RunDirError(ValueError):
   """A RUN_DIR (or --out) the report cannot use; the message names the fix."""
 
 
-# Config keys added after runs were made, with the value older runs behaved as: so an old run
-# and a new one with the same settings still group as seeds of one method.
-ADDED_CONFIG_KEYS = {("loss", "prior_order"): "fixed", ("loss", "kl_direction"): "mean_to_prior",
-                     ("data", "class_order"): [], ("eval", "features"): "cls",
-                     ("eval", "linear_protocol"): "features",
-                     ("init_from",): ""}
-
-
-def with_added_keys(config: dict) -> dict:
-  """A run's config.json dict with ADDED_CONFIG_KEYS filled in where it predates them."""
-  for (*sections, key), value in ADDED_CONFIG_KEYS.items():
-    parent = config
-    for section in sections:
-      parent = parent.get(section) if isinstance(parent, dict) else None
-    if isinstance(parent, dict):
-      parent.setdefault(key, copy.deepcopy(value))
-  return config
-
-
 @dataclasses.dataclass
 class Run:
   path: str                      # as given on the command line
@@ -51,13 +37,20 @@ class Run:
   core_minutes: float | None = None  # wall time x cores, from experiments/sweep.py's driver.json
   missing: list[str] = dataclasses.field(default_factory=list)  # OPTIONAL_INPUTS not found
   warnings: list[str] = dataclasses.field(default_factory=list)
-  method: str = ""               # its group's label, set by group_runs
+  method: str = ""               # its group's label, set by report.group_runs
   label: str = ""                # method and seed, ditto
   style: dict = dataclasses.field(default_factory=dict)  # matplotlib line style, ditto
 
   @property
   def seed(self):
     return self.config.get("seed")
+
+
+@dataclasses.dataclass
+class Group:
+  """Runs whose configs differ only in the seed (report.group_runs makes them)."""
+  label: str
+  runs: list[Run]
 
 
 def is_number(x) -> bool:

@@ -1,10 +1,12 @@
-"""`python -m pmsn_jax.report RUN_DIR [RUN_DIR ...] --out DIR`: one markdown report of many runs.
+"""`python -m pmsn_jax.analysis.report RUN_DIR [...] --out DIR`: one markdown report of many runs.
 
 At demo scale one seed says little (seeds spread by ~1.6 k-NN points), so the results table
 groups runs whose configs differ only in `seed` and gives mean ± std over them; the plots show
 what the table hides: training curves, k-NN over steps, how prototype usage tracks the prior,
-and which classes (head or tail) the encoder serves. It reads only what train.py writes, with
-NumPy and matplotlib (no JAX), so it runs anywhere, on finished or still-running workdirs.
+and which classes (head or tail) the encoder serves. It reads only what train.py (and
+experiments/sweep.py) write, and computes with NumPy and matplotlib (no accelerator, nothing
+compiled), so it runs on any machine with the `analysis` extra, on finished or still-running
+workdirs.
 
 What it reads in each RUN_DIR (only config.json is required; whatever else is missing is listed
 in the report instead of failing it):
@@ -13,24 +15,26 @@ in the report instead of failing it):
   metrics.jsonl     {"step", **scalars} per log step, and "eval/*" rows at evaluation steps;
   prototypes.jsonl  {"step", "target_usage_sorted", "mean_prediction_sorted", "prior_sorted"}.
 What it writes in DIR: report.md, results.json (the table as rows), paired.json (PMSN − MSN over
-shared seeds with 95% intervals, pmsn_jax/paired.py) and the PNGs report.md links.
+shared seeds with 95% intervals, paired.py) and the PNGs report.md links (plots.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import sys
 
 import numpy as np
 
-from pmsn_jax import paired, report_plots
-from pmsn_jax.run_dir import OPTIONAL_INPUTS, Run, RunDirError, is_number, load_run
+from pmsn_jax.analysis import paired, plots
+from pmsn_jax.analysis.runs import OPTIONAL_INPUTS, Group, Run, RunDirError, is_number, load_run
 
 USER_ERROR_EXIT = 2
-USAGE = "python -m pmsn_jax.report RUN_DIR [RUN_DIR ...] --out DIR"
+PROG = "python -m pmsn_jax.analysis.report"
+USAGE = f"{PROG} RUN_DIR [RUN_DIR ...] --out DIR"
 
 GROUP_IGNORED = ("seed",  # runs whose configs differ only in these are seeds of one method
                  "compilation_cache_dir")  # where compiled programs are cached, not what runs
@@ -47,10 +51,6 @@ COLUMNS = (
 )
 BALANCED_KEYS = ("balanced_top1", "balanced_accuracy", "knn_balanced_top1")
 LINESTYLES = ("-", "--", ":", "-.")
-@dataclasses.dataclass
-class Group:
-  label: str
-  runs: list[Run]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,10 +286,10 @@ def write_report(runs: list[Run], out: str) -> str:
   pairs = paired.paired_rows(
       groups, lambda run: eval_numbers(run.eval) if run.eval is not None else None, flatten,
       lambda group: is_msn(group.runs[0].config))
-  plots = {"training_curves.png": lambda p: report_plots.plot_training_curves(runs, p),
-           "knn_over_steps.png": lambda p: report_plots.plot_knn_over_steps(runs, p),
-           "prototype_usage.png": lambda p: report_plots.plot_prototype_usage(runs, p),
-           "per_class_accuracy.png": lambda p: report_plots.plot_per_class(groups, p)}
+  drawers = {"training_curves.png": lambda p: plots.plot_training_curves(runs, p),
+             "knn_over_steps.png": lambda p: plots.plot_knn_over_steps(runs, p),
+             "prototype_usage.png": lambda p: plots.plot_prototype_usage(runs, p),
+             "per_class_accuracy.png": lambda p: plots.plot_per_class(groups, p)}
 
   lines = ["# PMSN report", "",
            f"{len(runs)} run(s) in {len(groups)} group(s): runs whose configs differ only in "
@@ -312,7 +312,7 @@ def write_report(runs: list[Run], out: str) -> str:
     lines += ["## Paired comparisons", "",
               "Each PMSN group against the MSN group with the same config apart from the loss, "
               "over their shared seeds (same data order and initial weights): the mean per-seed "
-              "difference and its 95% Student-t interval (pmsn_jax/paired.py). Also in "
+              "difference and its 95% Student-t interval (pmsn_jax/analysis/paired.py). Also in "
               "paired.json.", "", *paired.markdown(pairs), ""]
   notes = [f"`{run.path}`: no {name}: {OPTIONAL_INPUTS[name]}"
            for run in runs for name in run.missing]
@@ -323,7 +323,7 @@ def write_report(runs: list[Run], out: str) -> str:
     path = os.path.join(out, name)
     if os.path.exists(path):  # a PNG of an earlier report in the same --out must not linger
       os.remove(path)
-    note = plots[name](path)
+    note = drawers[name](path)
     lines += [f"## {title}", "", about, ""]
     if note:
       notes.append(f"{title}: {note}")
@@ -349,11 +349,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = _Parser(prog="python -m pmsn_jax.report", description=__doc__.splitlines()[0])
+  parser = _Parser(prog=PROG, description=__doc__.splitlines()[0])
   parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                       help="workdirs of pmsn_jax.main runs (seeds of one config are grouped)")
   parser.add_argument("--out", required=True, help="directory for report.md and its PNGs")
   args = parser.parse_args(argv)
+  # matplotlib is an optional extra: say so in one line before any work, not in a traceback
+  # after the runs are read.
+  if importlib.util.find_spec("matplotlib") is None:
+    print("error: the report's plots need matplotlib, which core pmsn_jax does not install; "
+          "pip install -e '.[analysis]'", file=sys.stderr)
+    return USER_ERROR_EXIT
   try:
     # `report runs/PLAN/* --out=runs/PLAN/report` globs the report folder too: not a run.
     run_dirs = [p for p in args.run_dirs if os.path.realpath(p) != os.path.realpath(args.out)]
