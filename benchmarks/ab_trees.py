@@ -83,6 +83,6 @@ if __name__ == "__main__":
   # As `python -m pmsn_jax.main` runs: malloc setting, and Eigen's dots before JAX starts.
   sys.path.insert(0, os.path.dirname(_HERE))
   from pmsn_jax import host_setup  # noqa: E402
-  host_setup.exec_with_huge_page_malloc()
+  host_setup.tune_cpu()
   flags.mark_flags_as_required(["config", "a", "b"])
   app.run(main)

@@ -4,7 +4,7 @@ row-sharded global array), on 1 device and on --devices devices.
 
   python benchmarks/eval_scale.py [--bank=437513] [--queries=24426] [--dim=384]
       [--classes=8142] [--devices=8] [--chunk=1024] [--k=20] [--linear_epochs=2]
-      [--linear_batch=256] [--shots=1,2,5] [--lowshot_splits=1] [--only_devices=N]
+      [--linear_batch=256] [--shots=1,2] [--lowshot_splits=1] [--only_devices=N]
 
 Why: the suite must hold at iNat18's size (437,513 train images, 24,426 validation images, 8142
 classes, ViT-S/16 features of width 384), with the train features split over the devices. Each
@@ -51,11 +51,11 @@ def synthetic(bank: int, queries: int, dim: int, classes: int, seed: int = 0):
   """(train features, long-tailed train labels, query features, query labels), float32."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(seed)
-  # Power law over class rank: counts ~ rank^-1.1 (max/min ~ 10^4 at 8142 classes); every
-  # class gets at least one train row when bank >= classes, the rest are drawn.
+  # Power law over class rank: counts ~ rank^-1.1; every class gets at least two train rows
+  # (iNat18's minimum) when bank >= 2 x classes, the rest are drawn.
   probs = np.arange(1, classes + 1, dtype=np.float64) ** -1.1
   probs /= probs.sum()
-  base = np.arange(min(bank, classes))
+  base = np.arange(min(bank, 2 * classes)) % classes
   train_labels = np.concatenate([base, rng.choice(classes, bank - base.size, p=probs)])
   train_labels = rng.permutation(train_labels).astype(np.int32)
   test_labels = (np.arange(queries) % classes).astype(np.int32)
@@ -142,7 +142,8 @@ def main():
   parser.add_argument("--linear_batch", type=int, default=256,
                       help="global batch (eval.linear_batch_size)")
   parser.add_argument("--shots", type=lambda s: tuple(int(k) for k in s.split(",") if k),
-                      default=(1, 2, 5), help="low-shot images per class; '' for none")
+                      default=(1, 2), help="low-shot images per class (iNat18 has 2 in its "
+                      "rarest classes); '' for none")
   parser.add_argument("--lowshot_splits", type=int, default=1)
   parser.add_argument("--only_devices", type=int, help="run this device count only")
   parser.add_argument("--child_devices", type=int, help=argparse.SUPPRESS)

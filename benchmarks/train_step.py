@@ -26,10 +26,13 @@ from ml_collections import config_flags  # noqa: E402
 
 import step_setup  # noqa: E402  (benchmarks/, beside this file)
 from pmsn_jax import host_setup, sharding  # noqa: E402
+from pmsn_jax.models import vit  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after 2 warm-up steps).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timing repeats; the best is reported.")
+_CPU_TUNING = flags.DEFINE_bool("cpu_tuning", True, "As pmsn_jax.main's flag: Eigen dots and "
+                                 "huge-page malloc (host_setup.tune_cpu) before JAX starts.")
 _PEAK = flags.DEFINE_float("peak_gflops", 0.0, "Peak to divide by; 0: measure it here.")
 _GFLOPS = flags.DEFINE_float(
     "gflops_per_img", 0.0, "Model GFLOPs per image; 0: XLA's cost analysis of an unrolled "
@@ -53,6 +56,8 @@ def matmul_peak_gflops(dtype="float32", reps: int = 10) -> float:
 
 def main(argv):
   del argv
+  if _CPU_TUNING.value:
+    host_setup.tune_cpu()  # as `python -m pmsn_jax.main` runs; JAX has not started yet
   config = _CONFIG.value
   mesh = sharding.make_mesh(config.mesh)
   batch = step_setup.to_devices(step_setup.random_host_batch(config), mesh)
@@ -82,14 +87,15 @@ def main(argv):
     jax.block_until_ready(metrics)
     best = min(best, (time.perf_counter() - t) / _STEPS.value)
   img_per_s = config.batch_size / best
-  measured_peak = matmul_peak_gflops(config.compute_dtype)
+  dtype = vit.vit_config_from(config).dtype  # "auto" resolved for this backend
+  measured_peak = matmul_peak_gflops(dtype)
   peak = _PEAK.value or measured_peak
   mfu = img_per_s * gflops_per_img / peak
   memory = compiled.memory_analysis()
   temp_mib = getattr(memory, "temp_size_in_bytes", 0) / 2 ** 20
   print(f"backend={jax.default_backend()} device={jax.devices()[0].device_kind} "
         f"devices={jax.device_count()} model={config.model.variant} "
-        f"batch={config.batch_size} dtype={config.compute_dtype} remat={config.model.remat} "
+        f"batch={config.batch_size} dtype={dtype} remat={config.model.remat} "
         f"compile_s={compile_s:.1f} step_ms={best * 1e3:.1f} temp_mib={temp_mib:.0f} "
         f"measured_matmul_peak_gflops={measured_peak:.1f} "
         f"mfu_vs_measured={img_per_s * gflops_per_img / measured_peak:.3f}")
@@ -98,6 +104,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  host_setup.exec_with_huge_page_malloc()  # as `python -m pmsn_jax.main` runs
   flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -23,6 +23,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.eval_every_steps = 0         # 0: evaluate only at the end of training
+  # > 0: a jax.profiler trace of this many steps (from the second step of the run on, once
+  # the step is warm) goes to WORKDIR/plugins/profile, TensorBoard's Profile tab.
+  c.profile_steps = 0
   # JAX's persistent compilation cache, so a restarted run loads its compiled step instead of
   # compiling it again: "" = WORKDIR/compilation_cache (local or gs://), "none" = off, else a
   # directory or URL (one cache may serve many runs of a sweep).

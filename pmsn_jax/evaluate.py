@@ -39,7 +39,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from pmsn_jax import main as cli  # --config, multi-process flags, parse_flags, USER_ERROR_EXIT
-from pmsn_jax import host_setup, paths, run_dir, sharding
+from pmsn_jax import host_setup, paths, sharding
 from pmsn_jax.models import vit
 
 _EXPORT = flags.DEFINE_string("export", None, "Encoder export directory (training writes "
@@ -53,7 +53,7 @@ _RANDOM_INIT = flags.DEFINE_bool(
     "random_init", False, "Also report the k-NN of a randomly initialised encoder of the "
     "same architecture (seed config.seed): the reference training reports beside its own.")
 flags.mark_flags_as_mutual_exclusive(["export", "checkpoint"], required=True)
-for _name in ("config", "coordinator_address", "num_processes", "process_id"):
+for _name in ("config", "coordinator_address", "num_processes", "process_id", "cpu_tuning"):
   flags.declare_key_flag(_name)  # listed by --help of this module, not only --helpfull
 # main.py marks --workdir required for training; evaluation writes only --out, so it is
 # optional (and unused) here.
@@ -156,7 +156,7 @@ def evaluate_checkpoint(config, path: str, *, random_init: bool = False) -> dict
     raise FileNotFoundError(f"{config_path} not found: --checkpoint needs a pmsn_jax.main "
                             "workdir, which saves its config there")
   # Keys newer than the run read as the value it ran with.
-  saved = run_dir.with_added_keys(json.loads(config_path.read_text()))
+  saved = validation.with_added_keys(json.loads(config_path.read_text()))
   current = json.loads(config.to_json_best_effort())
   changed = validation.changed_keys(saved, current, train.SHAPE_KEYS)
   if changed:
@@ -188,13 +188,13 @@ def run_suite(config, what: str, encode, reference, mesh) -> dict:
   from pmsn_jax import train  # Imports TensorFlow (the data pipeline): only now it is needed.
   from pmsn_jax.evals import suite
 
-  from pmsn_jax.data import pipeline
+  from pmsn_jax.data import eval_stream
 
   train_split, pretrain_rows = train.load_pretraining_data(config)
   splits = train.eval_splits(config, train_split, pretrain_rows)
   e = config.eval
-  train.say(f"evaluating {what} on {pipeline.eval_split_size(train_split, e.max_train_examples)} "
-            f"train / {pipeline.eval_split_size(splits.test, e.max_test_examples)} test images "
+  train.say(f"evaluating {what} on {eval_stream.eval_split_size(train_split, e.max_train_examples)} "
+            f"train / {eval_stream.eval_split_size(splits.test, e.max_test_examples)} test images "
             f"of {config.data.source}")
   return suite.evaluate(encode, reference, splits, config, mesh)
 
@@ -208,6 +208,8 @@ def default_out(result: dict) -> str:
 
 def main(argv):
   del argv
+  if flags.FLAGS.cpu_tuning:
+    host_setup.tune_cpu()  # before JAX opens its backend; may re-execute this command
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   from pmsn_jax import distributed
@@ -242,7 +244,6 @@ def _user_error(message: str):
 
 
 def run():
-  host_setup.exec_with_huge_page_malloc()  # before JAX starts; see its docstring
   app.run(main, flags_parser=cli.parse_flags)
 
 

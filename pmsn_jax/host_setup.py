@@ -1,11 +1,13 @@
-"""Process-wide settings that make XLA:CPU faster here (measurements: docs/performance.md).
+"""XLA:CPU process settings that made the train step faster on the CPUs measured in
+docs/performance.md. Nothing here runs on import: the command-line entry points apply them
+(`tune_cpu`) unless run with --nocpu_tuning; library users call `tune_cpu()` themselves, first
+thing, if they want them. GPU and TPU runs are unaffected.
 
 Both must be in place before the process starts JAX's CPU backend, and each is left alone where
 the user set their own value:
-  * `use_eigen_dots`, called by `import pmsn_jax`: XLA reads its flags when JAX opens the
-    backend, so a process that used JAX before importing pmsn_jax keeps the default;
-  * `exec_with_huge_page_malloc`, called by the command-line entry points before anything else:
-    glibc reads its tunables only when a process starts, so it re-executes the command.
+  * `use_eigen_dots`: XLA reads its flags when JAX opens the backend;
+  * `exec_with_huge_page_malloc`: glibc reads its tunables only when a process starts, so it
+    re-executes the command.
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ import sys
 # not read the flag.
 YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 HUGE_PAGE_MALLOC = "glibc.malloc.hugetlb=1"
+
+
+def tune_cpu() -> None:
+  """Both settings below; call before anything uses JAX (it may re-execute the process)."""
+  use_eigen_dots()
+  exec_with_huge_page_malloc()
 
 
 def use_eigen_dots() -> None:

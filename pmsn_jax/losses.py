@@ -157,8 +157,10 @@ def rank_matched_prior(prior: jnp.ndarray, usage: jnp.ndarray) -> jnp.ndarray:
   return jnp.zeros_like(prior).at[order].set(jnp.sort(prior)[::-1])
 
 
-def _l2_normalize(x: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
-  """x / max(‖x‖, eps) like torch F.normalize; finite gradient at x = 0."""
+def l2_normalize(x: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
+  """x / max(‖x‖, eps) along the last axis, like torch F.normalize (zero rows stay zero), with a
+  finite gradient at x = 0. The loss, the linear probe and low-shot use it; the k-NN keeps its
+  own division form (evals/knn.py says why)."""
   sq = jnp.sum(x * x, axis=-1, keepdims=True)
   return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
@@ -198,8 +200,8 @@ def pmsn_loss_with_aux(
     temperature: τ of the anchor (and target) softmax over prototypes.
     target_temperature: sharpening T; target logits are scaled by 1/(τT).
     sinkhorn_iters: Sinkhorn iterations on the targets; 0 disables it.
-    sinkhorn_marginal: "prior" balances target clusters to B·π (the design
-      card's PMSN choice); "uniform" to B/K (MSN, lightly's PMSN).
+    sinkhorn_marginal: "prior" balances target clusters to B·π (PMSN's default
+      here); "uniform" to B/K (MSN, lightly's PMSN).
     reg_weight: λ on the regulariser.
     kl_direction: "mean_to_prior" R = KL(p̄‖π) (default; ME-MAX for uniform π)
       or "prior_to_mean" R = KL(π‖p̄) (what lightly computes).
@@ -256,7 +258,7 @@ def pmsn_loss_with_aux(
 
   f32 = jnp.float32
   anchors, targets, prototypes = (
-      _l2_normalize(x.astype(f32)) for x in (anchors, targets, prototypes))
+      l2_normalize(x.astype(f32)) for x in (anchors, targets, prototypes))
   prior = jnp.asarray(prior, f32)
 
   # Anchor predictions p_a = softmax(â Q̂ᵀ / τ), [B, V, K].

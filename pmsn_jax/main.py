@@ -36,6 +36,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "Resume a workdir whose checkpoints came from a config with "
     "other model/view sizes (refused by default).")
+_CPU_TUNING = flags.DEFINE_bool(
+    "cpu_tuning", True, "XLA:CPU settings measured faster for this step (matmuls on Eigen, "
+    "glibc malloc on huge pages; pmsn_jax/host_setup.py, docs/performance.md); no effect on "
+    "GPU/TPU. --nocpu_tuning keeps JAX's and glibc's defaults.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -69,6 +73,8 @@ def _unknown_key_hint(argv) -> str | None:
 
 def main(argv):
   del argv
+  if _CPU_TUNING.value:
+    host_setup.tune_cpu()  # before JAX opens its backend; may re-execute this command
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax/TF INFO chatter; --verbosity=0 brings it back
   from pmsn_jax import distributed, preemption, train  # heavy imports after flag parsing
@@ -102,7 +108,6 @@ def parse_flags(argv):
 
 
 def run():
-  host_setup.exec_with_huge_page_malloc()  # before JAX starts; see its docstring
   app.run(main, flags_parser=parse_flags)
 
 

@@ -13,8 +13,8 @@ The exponent is fitted on the C ranks of the histogram and reused for the K prot
 law's rank-frequency curve keeps its exponent when every category is split into (or merged
 from) equal parts, so τ is the one number that transfers between C classes and K prototypes.
 
-The prior reaches the train step as an input (batch["prior"], step.make_train_step with
-prior=None), not as a constant, so the switch after the warm-up does not recompile the step.
+The prior reaches the train step as an input (batch["prior"]), not as a constant, so the
+switch after the warm-up does not recompile the step.
 The fit is written to WORKDIR/prior_fit.json, which is also how a run resumed after its warm-up
 gets the fitted prior back.
 """

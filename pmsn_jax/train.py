@@ -9,7 +9,6 @@ import contextlib
 import json
 import math
 import os
-import resource
 import time
 
 import jax
@@ -18,8 +17,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
 
-from pmsn_jax import (checkpoint, diagnostics, metrics, paths, prior_fit, program, sharding,
-                      step, validation)
+from pmsn_jax import (checkpoint, diagnostics, metrics, paths, prior_fit, program, run_log,
+                      sharding, step, validation)
 from pmsn_jax.data import feeding, pipeline, sampling, sources
 from pmsn_jax.evals import suite
 from pmsn_jax.preemption import Preempted, PreemptionWatch
@@ -212,10 +211,11 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   say(f"pretraining data ({config.data.source}): {describe(train_split, pretrain_rows)}")
   eval_data = eval_splits(config, train_split, pretrain_rows) if config.eval.enabled else None
   if eval_data is not None:
-    suite.check(eval_data, config)  # fail now, not after training (e.g. too few low-shot images)
+    suite.check(eval_data, config, mesh)  # fail now, not after training (e.g. low-shot k)
 
   # ------------------------------------- model, optimizer and shardings (program.py)
   prog = program.build(config, mesh)
+  say(run_log.parameter_summary(prog.abstract_state.params))
 
   # ---------------------------------------------------------- init or restore
   ckpt = checkpoint.Checkpointer(paths.path(workdir) / "checkpoints",
@@ -247,7 +247,8 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   # ------------------------------------------------ the step, compiled once, up front
   compile_start = time.perf_counter()
   train_step = prog.lower_train_step().compile()
-  say(compiled_summary(train_step) + f"; compiled in {time.perf_counter() - compile_start:.1f} s")
+  say(run_log.compiled_summary(train_step)
+      + f"; compiled in {time.perf_counter() - compile_start:.1f} s")
 
   # ---------------------------------------------------------------------- loop
   save_config(config, workdir)  # every check has passed: the run is starting
@@ -273,19 +274,21 @@ def _train_and_evaluate(config, workdir: str) -> dict:
     if jax.process_index() == 0:
       prior_fit.save(workdir, priors.fit)
   vectors_every = config.diagnostics.prototypes_every_steps or config.log_every_steps
+  profiler = run_log.StepProfiler(workdir, first=start_step + 2, steps=config.profile_steps)
 
   try:
     for current in range(start_step + 1, config.total_steps + 1):
+      profiler.before(current)
       batch, extras = input_meter.wait_for_input(lambda: next(batches))
       skipped_images += extras["skipped"]
       batch["prior"] = prior  # already on the devices: no transfer
       state, step_metrics, step_aux = train_step(state, batch)
       input_meter.step_dispatched(step_metrics["loss"])
+      profiler.after(current, step_metrics["loss"])
 
-      log = current % config.log_every_steps == 0 or current == config.total_steps
+      log = run_log.due(current, config.log_every_steps, config.total_steps)
       stop = preemption.requested(current)
-      save = stop or current % config.checkpoint_every_steps == 0 or (
-          current == config.total_steps)
+      save = stop or run_log.due(current, config.checkpoint_every_steps, config.total_steps)
       if log or save:
         # The only host syncs of the loop: metrics are fetched at log and save steps, and a
         # non-finite state is never saved over the last good checkpoint.
@@ -299,16 +302,15 @@ def _train_and_evaluate(config, workdir: str) -> dict:
         first_interval = progress.last_step == start_step
         scalars.update(progress.update(current), skipped_images=skipped_images)
         scalars.update(feeding.per_host(input_meter.interval(), gather))
-        if scalars["input_wait_pct"] > INPUT_BOUND_PCT and not (
+        if scalars["input_wait_pct"] > run_log.INPUT_BOUND_PCT and not (
             first_interval or input_bound_warned):  # the first interval warms tf.data up
           input_bound_warned = True
-          say(input_bound_warning(scalars))
+          say(run_log.input_bound_warning(scalars))
         # Prototype usage vs the prior: scalars to the writer, vectors to a JSONL file.
         proto_scalars, proto_record = diagnostics.summarize(
             current, jax.device_get(step_aux), priors.prior)
         scalars.update(proto_scalars)
-        if (current % vectors_every == 0 or current == config.total_steps) and (
-            prototypes_file is not None):
+        if run_log.due(current, vectors_every, config.total_steps) and prototypes_file is not None:
           prototypes_file.write(json.dumps(proto_record) + "\n")
         writer.write(current, scalars)
         say(metrics.format_line(current, config.total_steps, scalars))
@@ -332,12 +334,14 @@ def _train_and_evaluate(config, workdir: str) -> dict:
           prototypes_file.close()
         raise Preempted(current)
 
-      if (config.eval.enabled and config.eval_every_steps and current < config.total_steps
-          and current % config.eval_every_steps == 0):
+      # The final evaluation, after the export, is the full suite; these are k-NN only.
+      if (config.eval.enabled and current < config.total_steps
+          and run_log.due(current, config.eval_every_steps)):
         encode = program.target_encoder(prog.graphdef, state, config.eval.features)
         result = suite.evaluate(encode, None, eval_data, config, mesh, linear_probe=False)
         writer.write(current, suite.scalars(result))
   finally:
+    profiler.close()
     batches.close()
     input_meter.close()
     ckpt.close()  # never leave with an async save in flight
@@ -370,40 +374,5 @@ def _train_and_evaluate(config, workdir: str) -> dict:
       paths.write_text(paths.path(workdir) / "eval.json", json.dumps(result, indent=2))
     say(suite.format_table(result))
   writer.close()
-  say(f"peak resident memory of this process: {peak_rss_mib():.0f} MiB")
+  say(f"peak resident memory of this process: {run_log.peak_rss_mib():.0f} MiB")
   return result
-
-
-INPUT_BOUND_PCT = 5.0  # Input wait, in % of the wall time, that is worth a warning.
-
-
-def input_bound_warning(scalars) -> str:
-  return (f"warning: input-bound: the devices waited {scalars['input_wait_pct']:.0f}% of the "
-          f"time ({scalars['input_wait_ms']:.0f} ms per step) for host "
-          f"{scalars['input_slowest_host']:.0f}'s batches, which delivers "
-          f"{scalars['host_img_per_s']:.0f} img/s; levers: more CPU cores per host, images stored "
-          f"smaller (long side <= 512 px decodes ~2x faster), data nearer the hosts "
-          f"(docs/data.md, Feeding the chips)")
-
-
-def peak_rss_mib() -> float:
-  """High-water mark of this process's resident memory (Linux reports KiB, macOS bytes)."""
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  return peak / 2 ** 20 if os.uname().sysname == "Darwin" else peak / 2 ** 10
-
-
-def compiled_summary(compiled) -> str:
-  """Per-device memory and FLOPs of a compiled step, as XLA reports them."""
-  parts = []
-  memory = compiled.memory_analysis()
-  if memory is not None:
-    gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
-    parts.append(f"per device: arguments {gib(memory.argument_size_in_bytes)}, temporaries "
-                 f"{gib(memory.temp_size_in_bytes)}, outputs {gib(memory.output_size_in_bytes)}"
-                 f" (aliased {gib(memory.alias_size_in_bytes)})")
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  if cost and "flops" in cost:
-    parts.append(f"{cost['flops'] / 1e9:.1f} GFLOP per step per device as XLA counts them "
-                 f"(scanned blocks, as on TPU, count once; benchmarks/train_step.py counts all)")
-  return "compiled train step: " + "; ".join(parts or ["no analysis from this backend"])

@@ -6,6 +6,7 @@ ml_collections; main.py turns that into a one-line error with the closest valid 
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 
@@ -135,6 +136,7 @@ def validate(config) -> None:
               "keep_checkpoints"):
     _positive_int(config, key)
   _positive_int(config, "eval_every_steps", allow_zero=True)
+  _positive_int(config, "profile_steps", allow_zero=True)
   _positive_int(config, "seed", allow_zero=True)
   cache = config.compilation_cache_dir
   scheme = cache.split("://", 1)[0] if isinstance(cache, str) and "://" in cache else None
@@ -256,3 +258,26 @@ def validate(config) -> None:
   if shots:
     _positive_int(config, "eval.lowshot_splits")
     _require(e.lowshot_l2 > 0, "eval.lowshot_l2", e.lowshot_l2, "expected > 0")
+
+
+# ------------------------------------------------------------------- configs saved by older runs
+
+# Config keys added after runs were made, with the value older runs behaved as. A run's
+# config.json is read back by core (evaluate.py checks a checkpoint against it) and by
+# pmsn_jax.analysis (grouping seeds): both fill in these defaults here, so an old run and a new
+# one with the same settings compare as equal in either place.
+ADDED_CONFIG_KEYS = {("loss", "prior_order"): "fixed", ("loss", "kl_direction"): "mean_to_prior",
+                     ("data", "class_order"): [], ("eval", "features"): "cls",
+                     ("eval", "linear_protocol"): "features",
+                     ("init_from",): "", ("profile_steps",): 0}
+
+
+def with_added_keys(config: dict) -> dict:
+  """A run's config.json dict with ADDED_CONFIG_KEYS filled in where it predates them."""
+  for (*sections, key), value in ADDED_CONFIG_KEYS.items():
+    parent = config
+    for section in sections:
+      parent = parent.get(section) if isinstance(parent, dict) else None
+    if isinstance(parent, dict):
+      parent.setdefault(key, copy.deepcopy(value))
+  return config

@@ -11,3 +11,9 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # try to open a TPU here, and several processes may load libtpu at once.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+# The XLA:CPU matmul setting the entry points apply (`python -m pmsn_jax.main`, --cpu_tuning),
+# so tests see the numerics users' CPU runs get; the sharded k-NN's bitwise checks rely on it.
+from pmsn_jax import host_setup  # noqa: E402
+
+host_setup.use_eigen_dots()

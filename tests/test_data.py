@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pmsn_jax.data import augment, pipeline, sampling, sources, view_format
+from pmsn_jax.data import augment, eval_stream, pipeline, sampling, sources, view_format
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -200,7 +200,7 @@ def test_eval_preprocess():
   out = augment.eval_preprocess(images[0], cfg).numpy()
   np.testing.assert_allclose(out, (images[0] / 255 - 0.5) / 0.25, atol=1e-5)
   data = sources.LabelledImages(images, np.arange(5, dtype=np.int32), 5)
-  batches = list(pipeline.eval_batches(data, cfg, local_batch=2))
+  batches = list(eval_stream.eval_batches(data, cfg, local_batch=2))
   assert [b["image"].shape[0] for b in batches] == [2, 2, 2]  # padded to whole batches
   assert batches[0]["image"].dtype == np.float32
   rows = np.concatenate([b["row"] for b in batches])

@@ -38,7 +38,7 @@ def read_metrics(workdir):
 
 def test_smoke_trains_evaluates_exports_and_resumes(tmp_path):
   workdir = tmp_path / "smoke"
-  first = run_main(workdir)
+  first = run_main(workdir, "--config.profile_steps=2")
 
   train_rows = [r for r in read_metrics(workdir) if "loss" in r]
   assert [r["step"] for r in train_rows] == [4, 8, 12]
@@ -63,6 +63,10 @@ def test_smoke_trains_evaluates_exports_and_resumes(tmp_path):
   with open(workdir / "config.json") as f:
     assert json.load(f)["model"]["variant"] == "mu/7"
   assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "6"]
+  assert "trained parameters (online: " in first.stdout
+  # A jax.profiler trace of steps 2-3, where TensorBoard's Profile tab looks.
+  assert "profile of steps 2-3" in first.stdout
+  assert list((workdir / "plugins" / "profile").glob("*/*.xplane.pb"))
   assert any(n.startswith("events") for n in os.listdir(workdir / "tensorboard"))
 
   features = load_encoder(str(workdir / "export"))(np.zeros((2, 28, 28, 1), np.uint8))

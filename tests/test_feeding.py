@@ -98,8 +98,8 @@ def test_per_host_reports_the_worst_host_and_lists_every_host():
 
 
 def test_input_bound_warning_names_the_host_the_figures_and_the_levers():
-  from pmsn_jax import train  # pylint: disable=import-outside-toplevel
-  text = train.input_bound_warning({"input_wait_pct": 23.4, "input_wait_ms": 41.0,
-                                    "input_slowest_host": 3, "host_img_per_s": 912.0})
+  from pmsn_jax import run_log  # pylint: disable=import-outside-toplevel
+  text = run_log.input_bound_warning({"input_wait_pct": 23.4, "input_wait_ms": 41.0,
+                                      "input_slowest_host": 3, "host_img_per_s": 912.0})
   assert "input-bound" in text and "23%" in text and "host 3" in text and "912 img/s" in text
   assert "cores" in text and "\n" not in text

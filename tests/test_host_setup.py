@@ -1,7 +1,7 @@
-"""Host settings for XLA:CPU (pmsn_jax/host_setup.py): `import pmsn_jax` sends matmuls to Eigen
-instead of YNNPACK, and the entry points re-execute themselves with glibc's malloc on
-transparent huge pages, so that XLA's per-run temporary buffer, mapped afresh every run, faults
-in 2 MiB pages instead of 4 KiB ones. Each keeps what the user set."""
+"""Host settings for XLA:CPU (pmsn_jax/host_setup.py), which the entry points apply and a plain
+`import pmsn_jax` does not: matmuls on Eigen instead of YNNPACK, and a re-execution with glibc's
+malloc on transparent huge pages, so that XLA's per-run temporary buffer, mapped afresh every
+run, faults in 2 MiB pages instead of 4 KiB ones. Each keeps what the user set."""
 
 import os
 import pathlib
@@ -17,7 +17,8 @@ from pmsn_jax import host_setup
 DOT_PROBE = """
 import os
 import jax, jax.numpy as jnp
-import pmsn_jax
+from pmsn_jax import host_setup
+host_setup.use_eigen_dots()
 hlo = jax.jit(lambda a, b: a @ b).lower(jnp.ones((64, 32)), jnp.ones((32, 16))).compile().as_text()
 print(os.environ["XLA_FLAGS"])
 print("__ynn_fusion" in hlo)
@@ -27,7 +28,8 @@ print("__ynn_fusion" in hlo)
 FAULT_PROBE = """
 import resource
 import jax, jax.numpy as jnp
-import pmsn_jax  # Eigen's dot, whose result is the temporary (YNNPACK fuses it with the max)
+from pmsn_jax import host_setup
+host_setup.use_eigen_dots()  # Eigen's dot, whose result is the temporary (YNN fuses the max)
 largest = jax.jit(lambda x, w: (x @ w).max())
 x, w = jnp.ones((131072, 64)), jnp.ones((64, 256))
 largest(x, w).block_until_ready()
@@ -52,7 +54,19 @@ def run(probe: str, **env_changes: str | None) -> list[str]:
                         check=True).stdout.splitlines()
 
 
-def test_import_turns_off_ynnpack_dots_and_keeps_other_flags():
+IMPORT_PROBE = """
+import os, pmsn_jax
+print(os.environ.get("XLA_FLAGS"), os.environ.get("GLIBC_TUNABLES"))
+"""
+
+
+def test_import_changes_no_setting():
+  assert run(IMPORT_PROBE, XLA_FLAGS=None, GLIBC_TUNABLES=None) == ["None None"]
+  assert run(IMPORT_PROBE, XLA_FLAGS="--xla_cpu_use_thunk_runtime=true", GLIBC_TUNABLES=None) == [
+      "--xla_cpu_use_thunk_runtime=true None"]
+
+
+def test_eigen_dots_turn_off_ynnpack_dots_and_keep_other_flags():
   assert run(DOT_PROBE, XLA_FLAGS=None)[-2:] == ["--xla_cpu_experimental_ynn_fusion_type=",
                                                  "False"]
   flags, ynn = run(DOT_PROBE, XLA_FLAGS="--xla_force_host_platform_device_count=2")[-2:]

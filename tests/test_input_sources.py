@@ -13,7 +13,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from configs import common
-from pmsn_jax.data import augment, catalog, imbalanced, pipeline, sources
+from pmsn_jax.data import augment, catalog, eval_stream, imbalanced, pipeline, sources
 from tests import inat_fixture
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,7 +100,9 @@ def test_tfds_inaturalist_mock_through_the_pipeline():
     assert isinstance(data, sources.TfdsImages) and data.num_classes == 8142
     batches = take(pipeline.train_batches(data, cfg, global_batch_size=4, seed=0), 4)
     resumed = next(pipeline.train_batches(data, cfg, global_batch_size=4, seed=0, start_step=2))
-    evaluation = list(pipeline.eval_batches(data, cfg, local_batch=2, max_examples=5))
+    evaluation = list(eval_stream.eval_batches(data, cfg, local_batch=2, max_examples=5))
+    with pytest.raises(ValueError, match="of unknown size; .*max_\\*_examples"):
+      eval_stream.eval_split_size(data)  # mock data has no split sizes: a cap is needed
   for b in batches:
     assert b["target"].shape == (4, 32, 32, 3) and b["focal"].shape == (4, 2, 16, 16, 3)
     assert b["label"].dtype == np.int32 and np.all((0 <= b["label"]) & (b["label"] < 8142))
@@ -115,21 +117,21 @@ def test_eval_stream_splits_rows_over_processes_and_drops_corrupt_ones(tree):
   root, expected = tree
   data = sources.load_source(f"inat_json:{root}", "train")
   bad_row = int(np.flatnonzero(data.paths == expected["train"]["corrupt"][0])[0])
-  streams = [list(pipeline.eval_batches(data, small_views(), local_batch=4, process_index=p,
+  streams = [list(eval_stream.eval_batches(data, small_views(), local_batch=4, process_index=p,
                                         process_count=3)) for p in range(3)]
   # Every process yields the same number of batches (its encoder calls are collective).
   assert len({len(s) for s in streams}) == 1
-  assert len(streams[0]) == pipeline.eval_num_batches(len(data), 4, 3)
+  assert len(streams[0]) == eval_stream.eval_num_batches(len(data), 4, 3)
   rows = [np.concatenate([b["row"] for b in s]) for s in streams]
   labels = [np.concatenate([b["label"] for b in s]) for s in streams]
   for p in range(3):  # contiguous blocks in row order; -1 for padding and the corrupt file
-    start, end = pipeline.eval_block(len(data), p, 3)
+    start, end = eval_stream.eval_block(len(data), p, 3)
     real = rows[p][rows[p] >= 0]
     assert real.tolist() == [r for r in range(start, end) if r != bad_row]
     np.testing.assert_array_equal(labels[p][rows[p] >= 0], data.labels[real])
   assert sorted(np.concatenate(rows)[np.concatenate(rows) >= 0].tolist()) == [
       r for r in range(len(data)) if r != bad_row]
-  capped = list(pipeline.eval_batches(data, small_views(), local_batch=4, max_examples=6))
+  capped = list(eval_stream.eval_batches(data, small_views(), local_batch=4, max_examples=6))
   first_six = [r for r in range(6) if r != bad_row]
   assert np.concatenate([b["row"] for b in capped]).tolist() == (
       first_six + [-1] * (8 - len(first_six)))

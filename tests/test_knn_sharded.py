@@ -56,8 +56,8 @@ def test_matches_knn_classify(devices, mesh_axes, num_train, k, chunk):
   np.testing.assert_allclose(sims, want_sims, atol=1e-5)
   # Bitwise the similarities knn_classify ranks (its expression, on one device, whole bank).
   one = jax.devices()[0]
-  bank = knn._l2_normalize(jax.device_put(train, one))
-  single = jnp.matmul(knn._l2_normalize(jax.device_put(test, one)), bank.T,
+  bank = knn.l2_normalize(jax.device_put(train, one))
+  single = jnp.matmul(knn.l2_normalize(jax.device_put(test, one)), bank.T,
                       precision=jax.lax.Precision.HIGHEST)
   np.testing.assert_array_equal(sims, np.asarray(jax.lax.top_k(single, k)[0]))
   assert preds.dtype == np.int32 and sims.shape == idx.shape == (77, k)

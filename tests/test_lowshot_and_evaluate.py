@@ -210,6 +210,17 @@ def test_the_final_eval_checks_the_shots_before_extracting_features():
     suite.evaluate(encode, None, data, config, mesh)
 
 
+@pytest.mark.parametrize("key,value,match", [
+    ("batch_size", 12, "eval.batch_size=12 must be a multiple of .* 8 batch shards"),
+    ("linear_batch_size", 4, "eval.linear_batch_size=4 is smaller than the mesh's 8"),
+])
+def test_batches_the_mesh_cannot_split_fail_before_training(key, value, match):
+  config, data, mesh = suite_setup(())
+  config.eval[key] = value
+  with pytest.raises(ValueError, match=match):
+    suite.check(data, config, mesh)
+
+
 def test_scalars_and_table_report_groups_balanced_and_lowshot():
   groups = {"many": 0.9, "medium": 0.6, "few": None}
   result = {"knn_top1": 0.8, "knn_lt_top1": 0.7, "knn_balanced_top1": 0.8, "groups": groups,

@@ -28,9 +28,9 @@ from pmsn_jax.data import augment, imbalanced
 from pmsn_jax.data.catalog import ImageFiles
 from pmsn_jax.data.sources import LabelledImages, TfdsImages
 
-_PREFETCH = 2  # Batches; a fixed depth, not AUTOTUNE, which can balloon host memory.
+PREFETCH = 2  # Batches; a fixed depth, not AUTOTUNE, which can balloon host memory.
 _SPARES = 3  # Substitutes tried for an unreadable image file.
-_SHUFFLE_BUFFER = 10_000  # Encoded records (~100 kB each for iNat) per process.
+SHUFFLE_BUFFER = 10_000  # Encoded records (~100 kB each for iNat) per process.
 
 
 def train_batches(data: LabelledImages | ImageFiles | TfdsImages, cfg, *,
@@ -56,14 +56,14 @@ def train_batches(data: LabelledImages | ImageFiles | TfdsImages, cfg, *,
   if start_step < 0 or (len(data) == 0 and not isinstance(data, TfdsImages)):
     raise ValueError(f"need start_step >= 0 and a non-empty dataset, got {start_step}, "
                      f"{len(data)} rows")
-  _hide_gpus_from_tf()
+  hide_gpus_from_tf()
   local = global_batch_size // process_count
   if isinstance(data, TfdsImages):
     if batch_class_skew > 0:
       raise ValueError("data.batch_class_skew needs every label up front: use a catalog source "
                        "(inat_json:, folder:) or an in-memory one, not a streamed tfds: split")
     ds = _tfds_views(data, cfg, seed, start_step * local, process_index, process_count)
-    return _numpy_iterator(ds.batch(local, drop_remainder=True).prefetch(_PREFETCH))
+    return numpy_iterator(ds.batch(local, drop_remainder=True).prefetch(PREFETCH))
   first = start_step * global_batch_size + process_index * local
   ds = _row_stream(data, seed, first, batch_class_skew)
   ds = ds.batch(local, drop_remainder=True)
@@ -73,7 +73,7 @@ def train_batches(data: LabelledImages | ImageFiles | TfdsImages, cfg, *,
     ds = _file_views(ds.unbatch(), data, cfg, seed).batch(local, drop_remainder=True)
   else:
     ds = _array_views(ds, data, cfg, seed)
-  return _numpy_iterator(ds.prefetch(_PREFETCH))
+  return numpy_iterator(ds.prefetch(PREFETCH))
 
 
 def _array_views(blocks: tf.data.Dataset, data: LabelledImages, cfg, seed: int):
@@ -152,7 +152,7 @@ def _tfds_views(data: TfdsImages, cfg, seed: int, first: int, process_index: int
   @tf.autograph.experimental.do_not_convert
   def epoch_records(epoch):
     key = tf.random.experimental.stateless_fold_in(tf.constant([seed, -4], tf.int64), epoch)
-    return records.shuffle(_SHUFFLE_BUFFER, seed=key[0], reshuffle_each_iteration=False)
+    return records.shuffle(SHUFFLE_BUFFER, seed=key[0], reshuffle_each_iteration=False)
 
   @tf.autograph.experimental.do_not_convert
   def views(index, record):
@@ -171,178 +171,6 @@ def _tfds_views(data: TfdsImages, cfg, seed: int, first: int, process_index: int
   ds = ds.enumerate(first)
   ds = ds.map(views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
   return ds.scan(tf.constant(first - 1, tf.int64), count_gaps)
-
-
-def eval_split_size(data, max_examples: int = 0) -> int:
-  """Rows of `data` an evaluation reads: its first `max_examples` (0 = all). A TFDS split of
-  unknown size (mock data) reads max_examples rows, or as many as it has if fewer."""
-  if not len(data):
-    if isinstance(data, TfdsImages) and max_examples:
-      return max_examples
-    raise ValueError(f"nothing to evaluate in {data!r:.200}: the split is empty or of unknown "
-                     f"size; name another split, or cap it with --config.eval.max_*_examples")
-  return min(max_examples or len(data), len(data))
-
-
-def eval_block(num_rows: int, process_index: int, process_count: int) -> tuple[int, int]:
-  """[start, end) of the rows process `process_index` evaluates: contiguous blocks, in process
-  order, whose sizes differ by at most one (a TFDS split can be read by row range this way)."""
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-  return (num_rows * process_index // process_count,
-          num_rows * (process_index + 1) // process_count)
-
-
-def eval_num_batches(num_rows: int, local_batch: int, process_count: int) -> int:
-  """Batches every process yields for `num_rows` rows: enough for the largest block, so all
-  processes run the same number of (collective) encoder calls."""
-  return -(-(-(-num_rows // process_count)) // local_batch)
-
-
-def eval_batches(data, cfg, *, local_batch: int, max_examples: int = 0, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """This process's block of the first eval_split_size(data, max_examples) rows, streamed
-  (nothing is cached): eval_num_batches(...) dicts of
-  image float32 [local_batch,S,S,C] (eval_preprocess'ed), label int32, row int32 (the row of
-  `data`; -1 marks padding after the block's end, and stands in for an image that cannot be
-  decoded, which a warning counts).
-
-  Images of files and TFDS records: shorter side resized (antialiased) to
-  image_size / eval_crop_fraction and centre-cropped to a square, then eval_preprocess takes
-  the centre eval_crop_fraction of it: MSN's resize-256 / crop-224 protocol. In-memory images
-  go to eval_preprocess as they are.
-  """
-  if local_batch <= 0:
-    raise ValueError(f"local_batch must be positive, got {local_batch}")
-  _hide_gpus_from_tf()
-  num_rows = eval_split_size(data, max_examples)
-  start, end = eval_block(num_rows, process_index, process_count)
-  ds = _eval_squares(data, cfg, start, end).batch(local_batch)
-  preprocess = tf.autograph.experimental.do_not_convert(
-      lambda x, y, r: (augment.eval_preprocess_batch(x, cfg), y, r))
-  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  num_batches = eval_num_batches(num_rows, local_batch, process_count)
-  read = 0
-  shape = None
-  for images, labels, rows in _numpy_iterator(ds.prefetch(_PREFETCH)):
-    read += len(rows)
-    shape = images.shape[1:]
-    pad = local_batch - len(rows)
-    yield {"image": np.pad(images, ((0, pad),) + ((0, 0),) * 3),
-           "label": np.pad(labels.astype(np.int32), (0, pad)),
-           "row": np.pad(rows.astype(np.int32), (0, pad), constant_values=-1)}
-    num_batches -= 1
-  if read < end - start:
-    logging.warning("evaluation: %d images among rows %d-%d could not be decoded and were "
-                    "left out (python -m pmsn_jax.data.inspect lists them)", end - start - read,
-                    start, end - 1)
-  if num_batches and shape is None:  # A block with no readable image: its shape, for padding.
-    size, channels = int(augment.field(cfg, "image_size")), int(augment.field(cfg, "channels"))
-    shape = (size, size, channels)
-  for _ in range(num_batches):
-    yield {"image": np.zeros((local_batch, *shape), np.float32),
-           "label": np.zeros(local_batch, np.int32), "row": np.full(local_batch, -1, np.int32)}
-
-
-# MSN's linear_eval.py: RandomResizedCrop(scale=(0.08, 1)) and a random flip, no colour ops.
-LINEAR_EVAL_SCALE = (0.08, 1.0)
-
-
-def linear_eval_batches(data, cfg, *, local_batch: int, seed: int, epoch: int,
-                        max_examples: int = 0, process_index: int = 0,
-                        process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """One epoch of MSN's linear-evaluation images of this process's block of the first
-  eval_split_size(data, max_examples) rows: eval_num_batches(...) dicts of image uint8
-  [local_batch,S,S,C] (a random resized crop of scale LINEAR_EVAL_SCALE, flipped with
-  probability 1/2; normalised on the device), label int32 and row int32 (-1: padding, and
-  an image that cannot be decoded).
-
-  The block is shuffled per epoch by (seed, epoch), as PyTorch's DistributedSampler shuffles
-  each rank's share; a row's crop depends on (seed, epoch, row) only. A TFDS block is read
-  in order through a seeded shuffle buffer (its records allow no random access).
-  """
-  _hide_gpus_from_tf()
-  num_rows = eval_split_size(data, max_examples)
-  start, end = eval_block(num_rows, process_index, process_count)
-  view_cfg = _Overlay(cfg, target_scale=LINEAR_EVAL_SCALE, num_focal=0)
-  size, channels = int(augment.field(cfg, "image_size")), int(augment.field(cfg, "channels"))
-  seeds = lambda rows: example_seeds(seed, epoch * num_rows + rows)  # noqa: E731
-  if isinstance(data, TfdsImages):
-    key = tf.random.experimental.stateless_fold_in(tf.constant([seed, -5], tf.int64), epoch)
-    records = data.as_dataset(rows=(start, end)).shuffle(_SHUFFLE_BUFFER, seed=int(key[0]))
-    rows = tf.data.Dataset.range(start, end)  # Positions in the read order, not TFDS rows.
-    ds = tf.data.Dataset.zip(records, rows).map(
-        lambda record, row: (record[0], record[1], row))
-  else:
-    order = epoch_permutation(end - start, seed, epoch) + start
-    ds = tf.data.Dataset.from_tensor_slices(order)
-    if isinstance(data, LabelledImages):
-      images, labels = tf.constant(data.images), tf.constant(data.labels)
-      ds = ds.batch(local_batch).map(
-          lambda rows: (augment.make_views_batch(tf.gather(images, rows), seeds(rows),
-                                                 view_cfg)["target"],
-                        tf.gather(labels, rows), rows)).unbatch()
-    else:
-      paths, labels = tf.constant(data.paths), tf.constant(data.labels)
-      ds = ds.map(lambda row: (tf.io.read_file(paths[row]), labels[row], row))
-  if not isinstance(data, LabelledImages):
-    @tf.autograph.experimental.do_not_convert
-    def crop(encoded, label, row):
-      view = augment.make_views_encoded(encoded, seeds(row[None])[0], view_cfg, channels)
-      return view["target"], label, row
-
-    ds = ds.map(crop, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
-  num_batches = eval_num_batches(num_rows, local_batch, process_count)
-  for images, labels, rows in _numpy_iterator(ds.batch(local_batch).prefetch(_PREFETCH)):
-    pad = local_batch - len(rows)
-    yield {"image": np.pad(images, ((0, pad),) + ((0, 0),) * 3),
-           "label": np.pad(labels.astype(np.int32), (0, pad)),
-           "row": np.pad(rows.astype(np.int32), (0, pad), constant_values=-1)}
-    num_batches -= 1
-  for _ in range(num_batches):
-    yield {"image": np.zeros((local_batch, size, size, channels), np.uint8),
-           "label": np.zeros(local_batch, np.int32), "row": np.full(local_batch, -1, np.int32)}
-
-
-class _Overlay:
-  """`cfg` with some fields replaced (augment.field reads attributes)."""
-
-  def __init__(self, cfg, **fields):
-    self._cfg, self._fields = cfg, fields
-
-  def __getattr__(self, name):
-    return self._fields[name] if name in self._fields else getattr(self._cfg, name)
-
-
-def _eval_squares(data, cfg, start: int, end: int) -> tf.data.Dataset:
-  """(uint8 image, label, row) of rows [start, end) of `data`, in row order; undecodable
-  images are dropped."""
-  rows = tf.data.Dataset.range(start, end)
-  if isinstance(data, LabelledImages):
-    images = tf.data.Dataset.from_tensor_slices((data.images[start:end], data.labels[start:end]))
-    return tf.data.Dataset.zip(images, rows).map(lambda xy, r: (xy[0], xy[1], r))
-  channels = int(augment.field(cfg, "channels"))
-  side = int(round(int(augment.field(cfg, "image_size")) / augment.field(cfg,
-                                                                        "eval_crop_fraction")))
-  if isinstance(data, TfdsImages):
-    records = data.as_dataset(rows=(start, end))
-  else:
-    records = encoded_records(data.subset(np.arange(start, end)))
-
-  @tf.autograph.experimental.do_not_convert
-  def square(record, row):
-    encoded, label = record
-    image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
-    hw = tf.cast(tf.shape(image)[:2], tf.float32)
-    scale = side / tf.reduce_min(hw)
-    new_hw = tf.maximum(tf.cast(tf.math.ceil(hw * scale), tf.int32), side)
-    image = tf.image.resize(image, new_hw, antialias=True)
-    top, left = (new_hw[0] - side) // 2, (new_hw[1] - side) // 2
-    image = image[top:top + side, left:left + side]
-    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8), label, row
-
-  ds = tf.data.Dataset.zip(records, rows)
-  return ds.map(square, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
 
 
 def encoded_records(data: ImageFiles | TfdsImages) -> tf.data.Dataset:
@@ -395,13 +223,13 @@ def _row_stream(data, seed: int, first: int, batch_class_skew: float) -> tf.data
   return tf.data.Dataset.counter(first_epoch).flat_map(epoch_rows)
 
 
-def _numpy_iterator(ds: tf.data.Dataset) -> Iterator:
+def numpy_iterator(ds: tf.data.Dataset) -> Iterator:
   options = tf.data.Options()
   options.deterministic = True
   yield from ds.with_options(options).as_numpy_iterator()
 
 
-def _hide_gpus_from_tf() -> None:
+def hide_gpus_from_tf() -> None:
   """Keep TensorFlow (tf.data) off accelerators that JAX needs."""
   try:
     tf.config.set_visible_devices([], "GPU")

@@ -1,6 +1,6 @@
 """Frozen features of an evaluation split, computed on the mesh and left there.
 
-Each process streams its own block of the split (pipeline.eval_batches: decode, crop, resize,
+Each process streams its own block of the split (eval_stream.eval_batches: decode, crop, resize,
 normalise; nothing cached), the global batch is encoded on the mesh, and every device keeps
 the feature rows it computed. The result is a row-sharded global array: at iNaturalist 2018
 scale (437,513 x 384 float32, 0.67 GB) each of N devices holds 1/N of it, and no host ever
@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from pmsn_jax import sharding
-from pmsn_jax.data import pipeline
+from pmsn_jax.data import eval_stream
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,10 +96,10 @@ def extract(encoders: dict[str, Callable], data, config, mesh: Mesh, *,
   processes and of the mesh's batch shards (each process streams batch_size / processes rows).
   """
   batch_size, processes = int(config.eval.batch_size), jax.process_count()
-  _check_batch(batch_size, processes, mesh, "batch_size")
+  check_batch(batch_size, processes, mesh, "batch_size")
   rows_sharding = sharding.batch_sharding(mesh)
   outputs = collections.defaultdict(list)
-  for batch in pipeline.eval_batches(data, config.data, local_batch=batch_size // processes,
+  for batch in eval_stream.eval_batches(data, config.data, local_batch=batch_size // processes,
                                      max_examples=max_examples,
                                      process_index=jax.process_index(),
                                      process_count=processes):
@@ -120,14 +120,14 @@ def extract(encoders: dict[str, Callable], data, config, mesh: Mesh, *,
 
 def linear_eval_epoch(encode: Callable, data, config, mesh: Mesh, *, epoch: int,
                       max_examples: int = 0):
-  """One epoch of MSN's linear evaluation (pipeline.linear_eval_batches): per global batch of
+  """One epoch of MSN's linear evaluation (eval_stream.linear_eval_batches): per global batch of
   config.eval.linear_batch_size fresh random crops, (features [G, D], labels [G], weights [G])
   on the mesh, batch-sharded; weight 0 marks padding. Each process streams its own block."""
   batch_size, processes = int(config.eval.linear_batch_size), jax.process_count()
-  _check_batch(batch_size, processes, mesh, "linear_batch_size")
+  check_batch(batch_size, processes, mesh, "linear_batch_size")
   rows_sharding = sharding.batch_sharding(mesh)
   normalise = _normaliser(tuple(config.data.mean), tuple(config.data.std))
-  for batch in pipeline.linear_eval_batches(
+  for batch in eval_stream.linear_eval_batches(
       data, config.data, local_batch=batch_size // processes, seed=config.seed, epoch=epoch,
       max_examples=max_examples, process_index=jax.process_index(), process_count=processes):
     batch = {k: jax.make_array_from_process_local_data(rows_sharding, v)
@@ -143,7 +143,8 @@ def _normaliser(mean, std):
   return jax.jit(lambda x: (x.astype(jnp.float32) / 255.0 - mean) / std)
 
 
-def _check_batch(batch_size, processes, mesh, name):
+def check_batch(batch_size, processes, mesh, name):
+  """A global eval batch must split evenly over the processes and the mesh's batch shards."""
   shards = sharding.batch_shards(mesh)
   if batch_size % processes or batch_size % shards:
     raise ValueError(f"eval.{name}={batch_size} must be a multiple of the {processes} "

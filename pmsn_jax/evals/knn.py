@@ -48,8 +48,11 @@ def check_probe_inputs(train_features, train_labels, test_features, num_classes)
   return train_features, train_labels, test_features
 
 
-def _l2_normalize(x, eps=1e-12):
-  # Same convention as torch.nn.functional.normalize: x / max(||x||, eps); zero rows stay zero.
+def l2_normalize(x, eps=1e-12):
+  """x / max(||x||, eps) row-wise, as torch.nn.functional.normalize. Not losses.l2_normalize's
+  x * rsqrt form: that one's last bit depends on how XLA fuses it (eager vs jitted, next to a
+  small or a large matmul), and the sharded k-NN's exactness needs a row's similarities to be
+  the same numbers on any number of devices (tests/test_knn_sharded.py checks the bits)."""
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
@@ -58,7 +61,7 @@ def _knn_chunk(bank, bank_labels, queries, temperature, *, k, num_classes):
   """Predicted labels for one [chunk, D] block of queries against the normalised bank."""
   # HIGHEST: neighbour ranking is sensitive to bf16/tf32 rounding on GPU/TPU; the matmul is a
   # negligible cost next to the encoder forward pass that produced the features.
-  sims = jnp.matmul(_l2_normalize(queries), bank.T, precision=jax.lax.Precision.HIGHEST)
+  sims = jnp.matmul(l2_normalize(queries), bank.T, precision=jax.lax.Precision.HIGHEST)
   top_sims, top_idx = jax.lax.top_k(sims, k)                         # [chunk, k], sorted desc.
   return _weighted_vote(top_sims, bank_labels[top_idx], temperature, num_classes)
 
@@ -102,7 +105,7 @@ def knn_classify(train_features, train_labels, test_features, *, num_classes, k=
   if num_test == 0:
     return np.zeros((0,), np.int32)
 
-  bank = _l2_normalize(jnp.asarray(train_features))
+  bank = l2_normalize(jnp.asarray(train_features))
   bank_labels = jnp.asarray(train_labels)
   preds = [_knn_chunk(bank, bank_labels, block, jnp.float32(temperature), k=k,
                       num_classes=num_classes)
@@ -157,10 +160,11 @@ def _query_chunks(queries, chunk_size):
 #
 # Exactness also needs each (query, row) similarity to be the same float as on one device: the
 # bank is normalised by knn_classify's expression, op by op, row by row; the score is the same
-# expression; and on XLA:CPU the [chunk, N/shards] matmul gives bitwise the values of the
-# [chunk, N] one (tested). A GPU/TPU library may pick another kernel for the smaller block and
-# round differently in the last bit; then only neighbours within ~1 ulp of each other could swap
-# places. lax.top_k orders -0.0 below 0.0 while the merge treats them as equal, so rows whose
+# expression; and on XLA:CPU with Eigen's dots (what the entry points select, host_setup.py) the
+# [chunk, N/shards] matmul gives bitwise the values of the [chunk, N] one (tested). YNNPACK's
+# dots (XLA:CPU's default, --nocpu_tuning) and GPU/TPU libraries may pick another kernel for the
+# smaller block and round differently in the last bit; then only neighbours within ~1 ulp of
+# each other could swap places. lax.top_k orders -0.0 below 0.0 while the merge treats them as equal, so rows whose
 # similarity is exactly zero with both signs could be ranked differently from the brute force.
 
 
@@ -228,7 +232,7 @@ def _sharded_chunk_fn(mesh, k, num_classes):
   def local(bank, bank_labels, bank_keys, queries, temperature):
     local_k = min(k, bank.shape[0])  # k <= included rows <= all rows: enough candidates.
     # The same expression as _knn_chunk, so each (query, row) similarity is the same number.
-    sims = jnp.matmul(_l2_normalize(queries), bank.T, precision=jax.lax.Precision.HIGHEST)
+    sims = jnp.matmul(l2_normalize(queries), bank.T, precision=jax.lax.Precision.HIGHEST)
     sims = jnp.where(bank_keys[None, :] >= 0, sims, -jnp.inf)  # Excluded rows never win.
     cand_sims, cand_pos = jax.lax.top_k(sims, local_k)      # Ties: lower position = lower key.
     cand_keys, cand_labels = bank_keys[cand_pos], bank_labels[cand_pos]
@@ -327,7 +331,7 @@ def knn_sharded(bank, bank_labels, bank_keys, queries, *, mesh, num_classes, k=2
 
   # knn_classify's normalisation, op by op and row by row, so each row is the same numbers; it
   # keeps the bank's sharding.
-  bank = _l2_normalize(bank)
+  bank = l2_normalize(bank)
   chunk_fn = _sharded_chunk_fn(mesh, int(k), int(num_classes))
   temperature = _replicated(mesh, np.float32(temperature))
   outs = [chunk_fn(bank, bank_labels, bank_keys, _replicated(mesh, block), temperature)

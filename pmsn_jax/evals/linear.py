@@ -37,6 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pmsn_jax import sharding
 from pmsn_jax.evals import knn
+from pmsn_jax.losses import l2_normalize
 
 _LN_EPS = 1e-5  # torch.nn.LayerNorm default, used by the official MSN LinearClassifier.
 _PREDICT_CHUNK = 4096  # Bounds the [chunk, num_classes] logits (iNat18: 8142 classes).
@@ -69,9 +70,9 @@ def _logits(params, x):
   var = jnp.var(x, axis=-1, keepdims=True)
   x = (x - mean) * jax.lax.rsqrt(var + _LN_EPS)
   x = x * params["norm"]["scale"] + params["norm"]["bias"]
-  # x / max(||x||, 1e-12) (torch's F.normalize), written so that a zero row (a masked padding
-  # row, whose LayerNorm output is the bias, 0 at init) has a finite gradient, not 0/0.
-  x = x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
+  # A zero row (a masked padding row: its LayerNorm output is the bias, 0 at init) needs the
+  # finite gradient l2_normalize has at 0.
+  x = l2_normalize(x)
   return x @ params["head"]["kernel"] + params["head"]["bias"]
 
 
@@ -174,12 +175,18 @@ def _check_train_args(epochs, batch_size, learning_rate):
     raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
 
 
-def _epoch_settings(num_rows, mesh, batch_size):
-  """(local_batch, steps per epoch) for R rows split over the mesh's row shards."""
+def check_batch_size(batch_size, mesh):
+  """Each row shard takes batch_size // shards rows a step: at least one."""
   shards = sharding.batch_shards(mesh)
   if batch_size < shards:
     raise ValueError(f"batch_size={batch_size} is smaller than the {shards} row shards of the "
                      f"mesh (data x fsdp); pass batch_size >= {shards}, ideally a multiple of it")
+
+
+def _epoch_settings(num_rows, mesh, batch_size):
+  """(local_batch, steps per epoch) for R rows split over the mesh's row shards."""
+  check_batch_size(batch_size, mesh)
+  shards = sharding.batch_shards(mesh)
   rows_per_shard = num_rows // shards
   local_batch = min(batch_size // shards, rows_per_shard)  # Full batch: no all-padding rows.
   return local_batch, -(-rows_per_shard // local_batch)  # Ceil: the last batch is padded.

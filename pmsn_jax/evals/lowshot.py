@@ -32,6 +32,7 @@ import optax
 from absl import logging
 
 from pmsn_jax.evals import classwise, knn, linear
+from pmsn_jax.losses import l2_normalize
 
 # lambda of mean CE + (lambda / 2) ||W||^2 on unit-norm features. A few-shot problem is
 # separable, so only lambda keeps ||W|| finite; the condition number grows like 1 / lambda as
@@ -43,11 +44,6 @@ from pmsn_jax.evals import classwise, knn, linear
 DEFAULT_L2 = 1e-3
 DEFAULT_STEPS = 1000  # L-BFGS iteration cap; the fit stops earlier at DEFAULT_TOL.
 DEFAULT_TOL = 1e-5    # On the gradient norm; float32 objectives stall not far below it.
-
-
-def _normalize(x, xp=jnp):
-  """x / max(||x||, 1e-12) row-wise (zero rows stay zero), in jnp or (xp=np) NumPy."""
-  return x / xp.maximum(xp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def _logits(params, x):
@@ -117,9 +113,12 @@ def fit_logistic_regression(features, labels, *, num_classes, l2=DEFAULT_L2,
   return jax.device_get(params), {"steps": int(count), "grad_norm": float(grad_norm)}
 
 
+_normalize = jax.jit(l2_normalize)
+
+
 @jax.jit
 def _predict(params, x):
-  return jnp.argmax(_logits(params, _normalize(x)), axis=-1).astype(jnp.int32)
+  return jnp.argmax(_logits(params, l2_normalize(x)), axis=-1).astype(jnp.int32)
 
 
 def logistic_regression(train_features, train_labels, test_features, *, num_classes,
@@ -141,7 +140,7 @@ def logistic_regression(train_features, train_labels, test_features, *, num_clas
   """
   train_features, train_labels, test_features = knn.check_probe_inputs(
       train_features, train_labels, test_features, num_classes)
-  params, info = fit_logistic_regression(_normalize(train_features, np), train_labels,
+  params, info = fit_logistic_regression(np.asarray(_normalize(train_features)), train_labels,
                                          num_classes=num_classes, l2=l2, steps=steps, tol=tol,
                                          pad_to=pad_to)
   if not info["grad_norm"] < tol:

@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pmsn_jax.data import pipeline
+from pmsn_jax import sharding
+from pmsn_jax.data import eval_stream
 from pmsn_jax.evals import classwise, features, knn, linear, lowshot
 
 
@@ -41,16 +42,27 @@ class EvalSplits:
   num_classes: int
 
 
-def check(splits: EvalSplits, config, *, linear_probe: bool = True) -> None:
-  """Raises ValueError if `config.eval` cannot run on `splits` (a class with fewer train images
-  than the largest low-shot k), where the train labels are known without reading the split
-  (files and in-memory sources; a TFDS split is checked once its features exist). Call it
-  before training, so the final evaluation does not fail after the run."""
-  shots = tuple(config.eval.lowshot_shots)
+def check(splits: EvalSplits, config, mesh, *, linear_probe: bool = True) -> None:
+  """Raises ValueError (one line, naming the fix) if `config.eval` cannot run on `splits` and
+  `mesh`: a split of unknown size, a batch the processes and devices cannot share, a class with
+  fewer train images than the largest low-shot k (where the labels are known without reading
+  the split: files and in-memory sources; a TFDS split is checked once its features exist).
+  Reads no image: call it before training, so the final evaluation does not fail after it."""
+  e = config.eval
+  num_train = eval_stream.eval_split_size(splits.train, e.max_train_examples)
+  eval_stream.eval_split_size(splits.test, e.max_test_examples)
+  processes = jax.process_count()
+  features.check_batch(e.batch_size, processes, mesh, "batch_size")
+  if linear_probe and e.get("linear_protocol", "features") == "msn":
+    features.check_batch(e.linear_batch_size, processes, mesh, "linear_batch_size")
+  elif linear_probe and e.linear_batch_size < sharding.batch_shards(mesh):
+    raise ValueError(f"eval.linear_batch_size={e.linear_batch_size} is smaller than the mesh's "
+                     f"{sharding.batch_shards(mesh)} batch shards (each takes its share of a "
+                     f"step); set --config.eval.linear_batch_size to a multiple of them")
+  shots = tuple(e.lowshot_shots)
   labels = getattr(splits.train, "labels", None)
   if linear_probe and shots and labels is not None:
-    n = pipeline.eval_split_size(splits.train, config.eval.max_train_examples)
-    lowshot.check_shots(labels[:n], splits.num_classes, max(shots))
+    lowshot.check_shots(labels[:num_train], splits.num_classes, max(shots))
 
 
 def evaluate(encode: Callable, random_encode: Callable | None, splits: EvalSplits, config, mesh,
@@ -61,7 +73,7 @@ def evaluate(encode: Callable, random_encode: Callable | None, splits: EvalSplit
   random_encode may be None (no random-init reference). linear_probe=False (the mid-training
   evals) runs the k-NN only: no linear probe, no low-shot.
   """
-  check(splits, config, linear_probe=linear_probe)  # Seconds, not after feature extraction.
+  check(splits, config, mesh, linear_probe=linear_probe)  # Before any feature, in seconds.
   e, num_classes = config.eval, splits.num_classes
   shots = tuple(e.lowshot_shots) if linear_probe else ()
   encoders = {"trained": encode} | ({"random": random_encode} if random_encode else {})
@@ -134,8 +146,8 @@ def _train_linear_probe(encode, bank: features.SplitFeatures, splits: EvalSplits
         num_classes=splits.num_classes, epochs=e.linear_epochs, batch_size=e.linear_batch_size,
         learning_rate=e.linear_lr, seed=config.seed)
   processes = jax.process_count()
-  steps = pipeline.eval_num_batches(
-      pipeline.eval_split_size(splits.train, e.max_train_examples),
+  steps = eval_stream.eval_num_batches(
+      eval_stream.eval_split_size(splits.train, e.max_train_examples),
       e.linear_batch_size // processes, processes)
   return linear.train_probe_streamed(
       lambda epoch: features.linear_eval_epoch(encode, splits.train, config, mesh, epoch=epoch,
