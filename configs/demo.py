@@ -23,7 +23,7 @@ def get_config(arg=None):
   c = common.get_base_config()
   # 128k images seen (~8.6 epochs of the long-tailed set). At equal images, more and smaller
   # steps helped in short runs (the EMA target moves per step): batch 64 x 2000 beat
-  # 128 x 1000 by 1.1 k-NN points (README table).
+  # 128 x 1000 by 1.1 k-NN points (docs/results.md).
   c.batch_size = 64
   c.total_steps = 2000
   c.log_every_steps = 100
@@ -32,7 +32,7 @@ def get_config(arg=None):
   c.model.variant = "mu/7"        # width 128, depth 4, 4 heads; 28 px -> 4x4 patches
   c.model.hidden_dim = 512
   c.model.output_dim = 128
-  c.model.num_prototypes = 32      # 64: 78.71/65.49, 256: 1.2 points worse (README table)
+  c.model.num_prototypes = 32      # 64: 78.71/65.49, 256: 1.2 points worse (docs/results.md)
   c.model.mask_ratio = 0.15
 
   c.data.source = "idx:"          # Debian dataset-fashion-mnist (or $PMSN_FASHION_MNIST_DIR)
@@ -54,7 +54,7 @@ def get_config(arg=None):
   c.optim.start_lr = 3e-4
   c.optim.final_lr = 1e-5
   c.optim.warmup_steps = 200
-  c.optim.ema_momentum = 0.98     # 0.996 lags in short runs; 0.98 beat 0.99 (README table)
+  c.optim.ema_momentum = 0.98     # 0.996 lags in short runs; 0.98 beat 0.99 (docs/results.md)
   c.optim.schedule_horizon_factor = 1.0
 
   c.eval.batch_size = 1024
