@@ -6,6 +6,7 @@ Every key scripts and launchers rely on is defined here, so every config has it.
 import ml_collections
 
 from pmsn_jax import sharding
+from pmsn_jax.data import view_format
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -63,15 +64,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.image_size = 224
   c.data.focal_size = 96
   c.data.num_focal = 10
-  c.data.target_scale = (0.3, 1.0)
-  c.data.focal_scale = (0.05, 0.3)
-  c.data.flip = True
-  c.data.color_jitter_prob = 0.8
-  c.data.color_jitter_strength = 0.5
-  c.data.grayscale_prob = 0.2
-  c.data.blur_prob = 0.5
-  c.data.blur_sigma = (0.1, 2.0)
-  c.data.eval_crop_fraction = 0.875   # evaluation: centre crop 224 of the image resized to 256
+  # MSN's views, written once in view_format.VIEW_DEFAULTS: target_scale (0.3, 1.0),
+  # focal_scale (0.05, 0.3), flip True, color_jitter_prob 0.8, color_jitter_strength 0.5,
+  # grayscale_prob 0.2, blur_prob 0.5, blur_sigma (0.1, 2.0), and eval_crop_fraction 0.875
+  # (evaluation: the centre 224 of the image resized to 256).
+  c.data.update(view_format.VIEW_DEFAULTS)
   c.data.mean = IMAGENET_MEAN
   c.data.std = IMAGENET_STD
   # Long-tailed subsampling of the pretraining split: n_c = floor(max_per_class * IR^(-c/(C-1))).

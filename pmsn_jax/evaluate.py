@@ -193,9 +193,10 @@ def run_suite(config, what: str, encode, reference, mesh) -> dict:
   train_split, pretrain_rows = train.load_pretraining_data(config)
   splits = train.eval_splits(config, train_split, pretrain_rows)
   e = config.eval
-  train.say(f"evaluating {what} on {eval_stream.eval_split_size(train_split, e.max_train_examples)} "
-            f"train / {eval_stream.eval_split_size(splits.test, e.max_test_examples)} test images "
-            f"of {config.data.source}")
+  num_train = eval_stream.eval_split_size(train_split, e.max_train_examples)
+  num_test = eval_stream.eval_split_size(splits.test, e.max_test_examples)
+  train.say(f"evaluating {what} on {num_train} train / {num_test} test images of "
+            f"{config.data.source}")
   return suite.evaluate(encode, reference, splits, config, mesh)
 
 

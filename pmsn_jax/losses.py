@@ -224,76 +224,83 @@ def pmsn_loss_with_aux(
     cluster sizes, which Sinkhorn would otherwise flatten to its marginal),
     "mean_prediction" [K] p̄, and "assignments" [B] int32 argmax_k P[b, k].
   """
-  if anchors.ndim != 3:
-    raise ValueError(f"anchors must be rank 3 [B, V, d], got {anchors.shape}.")
-  if targets.ndim != 2:
-    raise ValueError(f"targets must be rank 2 [B, d], got {targets.shape}.")
-  if prototypes.ndim != 2:
-    raise ValueError(f"prototypes must be rank 2 [K, d], got "
-                     f"{prototypes.shape}.")
-  if targets.shape[0] != anchors.shape[0]:
-    raise ValueError(f"targets batch {targets.shape[0]} != anchors batch "
-                     f"{anchors.shape[0]} (anchors [B, V, d], targets [B, d]).")
-  dims = (anchors.shape[-1], targets.shape[-1], prototypes.shape[-1])
-  if len(set(dims)) != 1:
-    raise ValueError(f"feature dim mismatch: anchors {dims[0]}, targets "
-                     f"{dims[1]}, prototypes {dims[2]} must all be equal.")
-  num_prototypes = prototypes.shape[0]
-  validate_prior(prior, num_prototypes)
-  if sinkhorn_marginal not in SINKHORN_MARGINALS:
-    raise ValueError(f"sinkhorn_marginal must be one of {SINKHORN_MARGINALS}, "
-                     f"got {sinkhorn_marginal!r}.")
-  if kl_direction not in KL_DIRECTIONS:
-    raise ValueError(f"kl_direction must be one of {KL_DIRECTIONS}, "
-                     f"got {kl_direction!r}.")
-  if prior_order not in PRIOR_ORDERS:
-    raise ValueError(f"prior_order must be one of {PRIOR_ORDERS}, got {prior_order!r}.")
-  for name, value in (("temperature", temperature),
-                      ("target_temperature", target_temperature)):
-    if _is_concrete(value) and not value > 0:
-      raise ValueError(f"{name} must be > 0, got {value!r}.")
-  if int(sinkhorn_iters) != sinkhorn_iters or sinkhorn_iters < 0:
-    raise ValueError(f"sinkhorn_iters must be an integer >= 0 (0 disables "
-                     f"Sinkhorn), got {sinkhorn_iters!r}.")
-
+  _check_inputs(anchors, targets, prototypes, prior, sinkhorn_marginal=sinkhorn_marginal,
+                kl_direction=kl_direction, prior_order=prior_order, temperature=temperature,
+                target_temperature=target_temperature, sinkhorn_iters=sinkhorn_iters)
   f32 = jnp.float32
   anchors, targets, prototypes = (
       l2_normalize(x.astype(f32)) for x in (anchors, targets, prototypes))
   prior = jnp.asarray(prior, f32)
 
-  # Anchor predictions p_a = softmax(â Q̂ᵀ / τ), [B, V, K].
-  log_p_anchor = jax.nn.log_softmax(
+  log_p_anchor = anchor_log_predictions(anchors, prototypes, temperature)
+  p_target, raw_target_usage, prior = balanced_targets(
+      targets, prototypes, prior, temperature=temperature,
+      target_temperature=target_temperature, sinkhorn_iters=sinkhorn_iters,
+      sinkhorn_marginal=sinkhorn_marginal, prior_order=prior_order)
+  ce = cross_entropy(p_target, log_p_anchor)
+  reg, p_mean, log_p_mean = prior_regulariser(log_p_anchor, prior, kl_direction)
+  loss = ce + reg_weight * reg
+  metrics, aux = _metrics_and_aux(loss, ce, reg, p_target, raw_target_usage, p_mean,
+                                  log_p_mean)
+  return loss, metrics, aux
+
+
+def anchor_log_predictions(anchors, prototypes, temperature):
+  """log p_a = log softmax(â Q̂ᵀ / τ) of unit-norm anchors [B, V, d] and prototypes [K, d]:
+  [B, V, K]."""
+  return jax.nn.log_softmax(
       jnp.einsum("bvd,kd->bvk", anchors, prototypes) / temperature, axis=-1)
 
-  # Targets P: sharpened softmax(t̂ Q̂ᵀ / (τT)), Sinkhorn-balanced. The stop
-  # gradient on the logits covers the whole target path (targets, prototypes).
+
+def balanced_targets(targets, prototypes, prior, *, temperature, target_temperature,
+                     sinkhorn_iters, sinkhorn_marginal, prior_order):
+  """The targets P [B, K]: sharpened softmax(t̂ Q̂ᵀ / (τT)) of unit-norm targets, balanced by
+  Sinkhorn to the marginal (the prior or uniform). The stop gradient on the logits covers the
+  whole target path (targets, prototypes), as in official MSN.
+
+  Returns (P, raw usage [K]: the column mass before Sinkhorn, the prior as used: rank-matched
+  to the raw usage when prior_order = "sorted", else `prior`)."""
+  num_prototypes = prototypes.shape[0]
   target_logits = jax.lax.stop_gradient(
       targets @ prototypes.T / (temperature * target_temperature))
   raw_target_usage = jnp.mean(jax.nn.softmax(target_logits, axis=-1), axis=0)
   if prior_order == "sorted":
     prior = rank_matched_prior(prior, raw_target_usage)
-  log_prior = jnp.log(prior)
   marginal = (prior if sinkhorn_marginal == "prior"
-              else jnp.full((num_prototypes,), 1.0 / num_prototypes, f32))
+              else jnp.full((num_prototypes,), 1.0 / num_prototypes, jnp.float32))
   p_target = jnp.exp(_log_sinkhorn(target_logits, marginal, sinkhorn_iters,
                                    "targets", from_logits=True))
+  return p_target, raw_target_usage, prior
 
-  ce = -jnp.mean(jnp.sum(p_target[:, None, :] * log_p_anchor, axis=-1))
 
-  # log p̄ via logsumexp over (b, v): an exact "safe log" (no epsilon), finite
-  # even where p̄_k underflows, so both KL directions stay finite.
-  num_rows = anchors.shape[0] * anchors.shape[1]
+def cross_entropy(p_target, log_p_anchor):
+  """Mean over batch rows and anchor views of −Σ_k P[b, k] log p_a[b, v, k]."""
+  return -jnp.mean(jnp.sum(p_target[:, None, :] * log_p_anchor, axis=-1))
+
+
+def prior_regulariser(log_p_anchor, prior, kl_direction):
+  """(R, p̄, log p̄): R = KL(p̄ ‖ π) ("mean_to_prior", ME-MAX for a uniform π) or KL(π ‖ p̄)
+  ("prior_to_mean"), p̄ the mean anchor prediction over batch rows and views.
+
+  log p̄ comes from a logsumexp over (b, v): an exact "safe log" (no epsilon), finite even
+  where p̄_k underflows, so both KL directions stay finite."""
+  num_rows = log_p_anchor.shape[0] * log_p_anchor.shape[1]
   log_p_mean = (jax.nn.logsumexp(log_p_anchor, axis=(0, 1))
                 - jnp.log(jnp.float32(num_rows)))
   p_mean = jnp.exp(log_p_mean)
+  log_prior = jnp.log(prior)
   if kl_direction == "mean_to_prior":
     reg = jnp.sum(p_mean * (log_p_mean - log_prior))
   else:
     reg = jnp.sum(prior * (log_prior - log_p_mean))
-  loss = ce + reg_weight * reg
+  return reg, p_mean, log_p_mean
 
+
+def _metrics_and_aux(loss, ce, reg, p_target, raw_target_usage, p_mean, log_p_mean):
+  """The loss's scalar metrics and diagnostic vectors (see pmsn_loss_with_aux)."""
+  f32 = jnp.float32
   assignments = jnp.argmax(p_target, axis=-1).astype(jnp.int32)
-  assigned = jax.nn.one_hot(assignments, num_prototypes)
+  assigned = jax.nn.one_hot(assignments, p_target.shape[-1])
   metrics = {
       "loss": loss,
       "ce": ce,
@@ -309,4 +316,40 @@ def pmsn_loss_with_aux(
       "mean_prediction": p_mean,
       "assignments": assignments,
   }
-  return loss, metrics, aux
+  return metrics, aux
+
+
+def _check_inputs(anchors, targets, prototypes, prior, *, sinkhorn_marginal, kl_direction,
+                  prior_order, temperature, target_temperature, sinkhorn_iters):
+  """Shapes, the prior and the options of pmsn_loss_with_aux, checked at trace time: a
+  library call with a wrong argument fails with its name, before any compile."""
+  if anchors.ndim != 3:
+    raise ValueError(f"anchors must be rank 3 [B, V, d], got {anchors.shape}.")
+  if targets.ndim != 2:
+    raise ValueError(f"targets must be rank 2 [B, d], got {targets.shape}.")
+  if prototypes.ndim != 2:
+    raise ValueError(f"prototypes must be rank 2 [K, d], got "
+                     f"{prototypes.shape}.")
+  if targets.shape[0] != anchors.shape[0]:
+    raise ValueError(f"targets batch {targets.shape[0]} != anchors batch "
+                     f"{anchors.shape[0]} (anchors [B, V, d], targets [B, d]).")
+  dims = (anchors.shape[-1], targets.shape[-1], prototypes.shape[-1])
+  if len(set(dims)) != 1:
+    raise ValueError(f"feature dim mismatch: anchors {dims[0]}, targets "
+                     f"{dims[1]}, prototypes {dims[2]} must all be equal.")
+  validate_prior(prior, prototypes.shape[0])
+  if sinkhorn_marginal not in SINKHORN_MARGINALS:
+    raise ValueError(f"sinkhorn_marginal must be one of {SINKHORN_MARGINALS}, "
+                     f"got {sinkhorn_marginal!r}.")
+  if kl_direction not in KL_DIRECTIONS:
+    raise ValueError(f"kl_direction must be one of {KL_DIRECTIONS}, "
+                     f"got {kl_direction!r}.")
+  if prior_order not in PRIOR_ORDERS:
+    raise ValueError(f"prior_order must be one of {PRIOR_ORDERS}, got {prior_order!r}.")
+  for name, value in (("temperature", temperature),
+                      ("target_temperature", target_temperature)):
+    if _is_concrete(value) and not value > 0:
+      raise ValueError(f"{name} must be > 0, got {value!r}.")
+  if int(sinkhorn_iters) != sinkhorn_iters or sinkhorn_iters < 0:
+    raise ValueError(f"sinkhorn_iters must be an integer >= 0 (0 disables "
+                     f"Sinkhorn), got {sinkhorn_iters!r}.")

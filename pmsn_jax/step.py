@@ -91,7 +91,8 @@ def ema_update(target: nnx.State, params: nnx.State, momentum) -> nnx.State:
 
 
 def prior_from_config(config) -> np.ndarray:
-  """The cluster prior pi of config.loss (power_law | uniform | custom), validated.
+  """The cluster prior pi of config.loss (power_law | uniform | custom); a custom prior's values
+  were checked with the rest of the config (validation.validate).
 
   prior = "fit" depends on data, not only on the config: prior_fit.PriorTracker resolves it.
   """
@@ -103,9 +104,7 @@ def prior_from_config(config) -> np.ndarray:
     return np.asarray(losses.power_law_prior(k, config.loss.prior_exponent))
   if config.loss.prior == "uniform":
     return np.asarray(losses.uniform_prior(k))
-  prior = np.asarray(config.loss.custom_prior, np.float32)
-  losses.validate_prior(prior, k)
-  return prior
+  return np.asarray(config.loss.custom_prior, np.float32)
 
 
 # What the step takes from each pipeline batch; "label" only feeds the diagnostics.

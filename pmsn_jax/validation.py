@@ -114,7 +114,7 @@ def _flat_keys(config, prefix=""):
 
 def _init_from(config) -> None:
   """config.init_from: "" or a file / export directory that exists (read by warm_start.py)."""
-  source = config.get("init_from", "")
+  source = config.init_from
   _require(isinstance(source, str) and source == source.strip(), "init_from", source,
            "expected '' or the path of an MSN checkpoint (.pth.tar) or an export directory")
   if not source:
@@ -131,7 +131,18 @@ def _init_from(config) -> None:
 
 
 def validate(config) -> None:
-  """Raises ValueError on the first invalid value."""
+  """Raises ValueError on the first invalid value (one line naming the key and the fix)."""
+  _validate_run(config)
+  _init_from(config)
+  _validate_model(config)
+  _validate_data(config)
+  _validate_loss(config)
+  _validate_diagnostics(config)
+  _validate_optim(config)
+  _validate_eval(config)
+
+
+def _validate_run(config) -> None:
   for key in ("batch_size", "total_steps", "log_every_steps", "checkpoint_every_steps",
               "keep_checkpoints"):
     _positive_int(config, key)
@@ -144,8 +155,8 @@ def validate(config) -> None:
            "compilation_cache_dir", cache, "expected '' (WORKDIR/compilation_cache), 'none' "
            "(off), a directory, or a gs://, s3:// or az:// URL")
 
-  _init_from(config)
 
+def _validate_model(config) -> None:
   m = config.model
   vit.parse_variant(m.variant)
   for key in ("hidden_dim", "output_dim", "num_prototypes"):
@@ -155,6 +166,9 @@ def validate(config) -> None:
 
   _partition_rules(config)
 
+
+def _validate_data(config) -> None:
+  m = config.model
   d = config.data
   _require(isinstance(d.source, str) and ":" in d.source, "data.source", d.source,
            "expected '<scheme>:<location>', e.g. 'idx:' or 'tfds:fashion_mnist'")
@@ -192,6 +206,9 @@ def validate(config) -> None:
   _require(d.source.split(":", 1)[0] in SOURCE_SCHEMES, "data.source", d.source,
            f"expected one of {', '.join(sources.SOURCE_FORMS)}")
 
+
+def _validate_loss(config) -> None:
+  m = config.model
   loss = config.loss
   _require(loss.prior in PRIORS, "loss.prior", loss.prior, f"expected one of {PRIORS}")
   _require(loss.prior_exponent >= 0, "loss.prior_exponent", loss.prior_exponent,
@@ -200,6 +217,11 @@ def validate(config) -> None:
     _require(len(loss.custom_prior) == m.num_prototypes, "loss.custom_prior",
              f"<{len(loss.custom_prior)} values>",
              f"expected model.num_prototypes={m.num_prototypes} values")
+    try:  # the one check of its values: the step takes the prior as given
+      losses.validate_prior(tuple(loss.custom_prior), m.num_prototypes)
+    except (TypeError, ValueError) as e:
+      _require(False, "loss.custom_prior", f"<{len(loss.custom_prior)} values>",
+               str(e).rstrip("."))
   _require(loss.prior_fit_source in PRIOR_FIT_SOURCES, "loss.prior_fit_source",
            loss.prior_fit_source, f"expected one of {PRIOR_FIT_SOURCES}")
   _positive_int(config, "loss.prior_fit_warmup_steps", allow_zero=True)
@@ -220,12 +242,16 @@ def validate(config) -> None:
     _require(loss[key] > 0, f"loss.{key}", loss[key], "expected > 0")
   _require(loss.reg_weight >= 0, "loss.reg_weight", loss.reg_weight, "expected >= 0")
 
+
+def _validate_diagnostics(config) -> None:
   _positive_int(config, "diagnostics.prototypes_every_steps", allow_zero=True)
   every = config.diagnostics.prototypes_every_steps
   _require(every % config.log_every_steps == 0, "diagnostics.prototypes_every_steps", every,
            f"expected 0 or a multiple of log_every_steps={config.log_every_steps} (the vectors "
            f"are fetched at log steps)")
 
+
+def _validate_optim(config) -> None:
   o = config.optim
   for key in ("lr", "start_lr", "final_lr", "weight_decay", "final_weight_decay", "grad_clip"):
     _require(o[key] >= 0, f"optim.{key}", o[key], "expected >= 0")
@@ -236,23 +262,25 @@ def validate(config) -> None:
   _require(o.schedule_horizon_factor >= 1.0, "optim.schedule_horizon_factor",
            o.schedule_horizon_factor, "expected >= 1 (schedules must cover the whole run)")
 
+
+def _validate_eval(config) -> None:
   e = config.eval
   for key in ("batch_size", "knn_k", "linear_epochs", "linear_batch_size"):
     _positive_int(config, f"eval.{key}")
   for key in ("max_train_examples", "max_test_examples"):
     _positive_int(config, f"eval.{key}", allow_zero=True)
-  _require(e.get("features", "cls") in vit.FEATURE_READOUTS, "eval.features",
-           e.get("features"), f"expected one of {vit.FEATURE_READOUTS}")
+  _require(e.features in vit.FEATURE_READOUTS, "eval.features",
+           e.features, f"expected one of {vit.FEATURE_READOUTS}")
   _require(e.knn_temperature > 0, "eval.knn_temperature", e.knn_temperature, "expected > 0")
   _require(e.linear_lr > 0, "eval.linear_lr", e.linear_lr, "expected > 0")
-  _require(e.get("linear_protocol", "features") in LINEAR_PROTOCOLS, "eval.linear_protocol",
-           e.get("linear_protocol"), f"expected one of {LINEAR_PROTOCOLS}")
-  thresholds = tuple(e.get("shot_thresholds", (100, 20)))
+  _require(e.linear_protocol in LINEAR_PROTOCOLS, "eval.linear_protocol",
+           e.linear_protocol, f"expected one of {LINEAR_PROTOCOLS}")
+  thresholds = tuple(e.shot_thresholds)
   _require(len(thresholds) == 2 and all(isinstance(t, int) and t >= 0 for t in thresholds)
            and thresholds[1] <= thresholds[0], "eval.shot_thresholds", thresholds,
            "expected (many_threshold, few_threshold) image counts with few <= many, e.g. "
            "(100, 20)")
-  shots = tuple(e.get("lowshot_shots", ()))
+  shots = tuple(e.lowshot_shots)
   _require(all(isinstance(k, int) and k > 0 for k in shots), "eval.lowshot_shots", shots,
            "expected positive images-per-class counts, e.g. (1, 2, 5), or () for none")
   if shots:

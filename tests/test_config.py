@@ -119,6 +119,16 @@ def test_custom_prior_needs_one_value_per_prototype():
     validation.validate(config)
 
 
+@pytest.mark.parametrize("values,match", [((0.5,) + (0.5 / 31,) * 30 + (0.1,), "sum to 1"),
+                                          ((1.0,) + (0.0,) * 31, "strictly positive")])
+def test_custom_prior_values_are_checked_with_the_config(values, match):
+  config = load("demo")  # 32 prototypes
+  config.loss.prior = "custom"
+  config.loss.custom_prior = values
+  with pytest.raises(ValueError, match=rf"config\.loss\.custom_prior=.*{match}"):
+    validation.validate(config)
+
+
 def test_closest_key_suggestion():
   config = load("demo")
   assert validation.closest_key(config, "model.num_prototype") == "model.num_prototypes"

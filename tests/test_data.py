@@ -195,7 +195,7 @@ def test_make_views_batch_independent_of_batch():
 
 
 def test_eval_preprocess():
-  cfg = view_cfg(image_size=28, mean=(0.5,), std=(0.25,))
+  cfg = view_cfg(image_size=28, mean=(0.5,), std=(0.25,), eval_crop_fraction=1.0)
   images = np.random.default_rng(7).integers(0, 256, [5, 28, 28, 1], dtype=np.uint8)
   out = augment.eval_preprocess(images[0], cfg).numpy()
   np.testing.assert_allclose(out, (images[0] / 255 - 0.5) / 0.25, atol=1e-5)

@@ -34,8 +34,7 @@ import tensorflow as tf
 
 from pmsn_jax.data import view_format
 
-DEFAULTS = dict(target_scale=(0.3, 1.0), focal_scale=(0.05, 0.3), flip=True,
-                eval_crop_fraction=1.0, **view_format.PHOTOMETRIC_DEFAULTS)
+DEFAULTS = view_format.VIEW_DEFAULTS
 REQUIRED = ("image_size", "focal_size", "num_focal", "mean", "std")
 
 _RATIO = (3.0 / 4.0, 4.0 / 3.0)

@@ -118,7 +118,8 @@ def linear_eval_batches(data, cfg, *, local_batch: int, seed: int, epoch: int,
   seeds = lambda rows: pipeline.example_seeds(seed, epoch * num_rows + rows)  # noqa: E731
   if isinstance(data, TfdsImages):
     key = tf.random.experimental.stateless_fold_in(tf.constant([seed, -5], tf.int64), epoch)
-    records = data.as_dataset(rows=(start, end)).shuffle(pipeline.SHUFFLE_BUFFER, seed=int(key[0]))
+    records = data.as_dataset(rows=(start, end)).shuffle(pipeline.SHUFFLE_BUFFER,
+                                                          seed=int(key[0]))
     rows = tf.data.Dataset.range(start, end)  # Positions in the read order, not TFDS rows.
     ds = tf.data.Dataset.zip(records, rows).map(
         lambda record, row: (record[0], record[1], row))
@@ -142,7 +143,8 @@ def linear_eval_batches(data, cfg, *, local_batch: int, seed: int, epoch: int,
 
     ds = ds.map(crop, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
   num_batches = eval_num_batches(num_rows, local_batch, process_count)
-  for images, labels, rows in pipeline.numpy_iterator(ds.batch(local_batch).prefetch(pipeline.PREFETCH)):
+  batches = ds.batch(local_batch).prefetch(pipeline.PREFETCH)
+  for images, labels, rows in pipeline.numpy_iterator(batches):
     pad = local_batch - len(rows)
     yield {"image": np.pad(images, ((0, pad),) + ((0, 0),) * 3),
            "label": np.pad(labels.astype(np.int32), (0, pad)),

@@ -8,6 +8,10 @@ COLUMNS = ("jitter", "brightness", "contrast", "saturation", "hue", "gray", "blu
 # Defaults of the photometric config fields (MSN's, as SimCLR's).
 PHOTOMETRIC_DEFAULTS = dict(color_jitter_prob=0.8, color_jitter_strength=0.5,
                             grayscale_prob=0.2, blur_prob=0.5, blur_sigma=(0.1, 2.0))
+# Every view default, the one place they are written: configs/common.py copies them into
+# config.data, and augment.py / photometric.py fall back to them for fields a config lacks.
+VIEW_DEFAULTS = dict(target_scale=(0.3, 1.0), focal_scale=(0.05, 0.3), flip=True,
+                     eval_crop_fraction=0.875, **PHOTOMETRIC_DEFAULTS)
 
 
 def blur_radius(size: int) -> int:

@@ -164,8 +164,9 @@ def _query_chunks(queries, chunk_size):
 # [chunk, N/shards] matmul gives bitwise the values of the [chunk, N] one (tested). YNNPACK's
 # dots (XLA:CPU's default, --nocpu_tuning) and GPU/TPU libraries may pick another kernel for the
 # smaller block and round differently in the last bit; then only neighbours within ~1 ulp of
-# each other could swap places. lax.top_k orders -0.0 below 0.0 while the merge treats them as equal, so rows whose
-# similarity is exactly zero with both signs could be ranked differently from the brute force.
+# each other could swap places. lax.top_k orders -0.0 below 0.0 while the merge treats them as
+# equal, so rows whose similarity is exactly zero with both signs could be ranked differently
+# from the brute force.
 
 
 def _bank_axes(mesh):

@@ -53,7 +53,7 @@ def check(splits: EvalSplits, config, mesh, *, linear_probe: bool = True) -> Non
   eval_stream.eval_split_size(splits.test, e.max_test_examples)
   processes = jax.process_count()
   features.check_batch(e.batch_size, processes, mesh, "batch_size")
-  if linear_probe and e.get("linear_protocol", "features") == "msn":
+  if linear_probe and e.linear_protocol == "msn":
     features.check_batch(e.linear_batch_size, processes, mesh, "linear_batch_size")
   elif linear_probe and e.linear_batch_size < sharding.batch_shards(mesh):
     raise ValueError(f"eval.linear_batch_size={e.linear_batch_size} is smaller than the mesh's "
@@ -140,7 +140,7 @@ def _train_linear_probe(encode, bank: features.SplitFeatures, splits: EvalSplits
                         mesh) -> dict:
   """The probe's params, by config.eval.linear_protocol (configs/common.py)."""
   e = config.eval
-  if e.get("linear_protocol", "features") == "features":
+  if e.linear_protocol == "features":
     return linear.train_probe_sharded(
         bank.values, bank.labels, jnp.where(bank.keys >= 0, 1.0, 0.0), mesh=mesh,
         num_classes=splits.num_classes, epochs=e.linear_epochs, batch_size=e.linear_batch_size,

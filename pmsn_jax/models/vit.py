@@ -113,7 +113,7 @@ def vit_config_from(config, platform: str | None = None) -> ViTConfig:
   platform = platform or jax.default_backend()
   size, patch = parse_variant(model_cfg.variant)
   size = {k: (model_cfg.get(k) or v) for k, v in size.items()}
-  dtype = config.get("compute_dtype", "auto")
+  dtype = config.compute_dtype
   if dtype == "auto":  # bfloat16 on accelerators; AVX2 CPUs gain nothing from it
     dtype = "float32" if platform == "cpu" else "bfloat16"
   if dtype not in COMPUTE_DTYPES:
@@ -129,7 +129,7 @@ def vit_config_from(config, platform: str | None = None) -> ViTConfig:
   unroll = 1 if platform == "tpu" else size["depth"]
   return ViTConfig(**size, patch_size=patch, image_size=image_size,
                    channels=config.data.channels, scan_unroll=unroll, dtype=dtype,
-                   remat=bool(model_cfg.get("remat", False)))
+                   remat=bool(model_cfg.remat))
 
 
 class Block(nnx.Module):
