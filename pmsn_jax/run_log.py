@@ -9,6 +9,8 @@ import resource
 
 import jax
 
+from pmsn_jax import sharding
+
 
 def due(step: int, every: int, last: int | None = None) -> bool:
   """Whether a periodic action (log, checkpoint, ... every `every` steps; 0 = never) runs at
@@ -46,11 +48,11 @@ class StepProfiler:
 
 
 def parameter_summary(params) -> str:
-  """'model: N parameters (online: encoder a, head b; prototypes c)' of the trained params."""
+  """'model: N trained parameters (online: encoder a, head b; prototypes c)'."""
   counts = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path][:2]
-    counts[tuple(names)] = counts.get(tuple(names), 0) + math.prod(leaf.shape)
+    names = tuple(sharding.path_string(path).split("/")[:2])
+    counts[names] = counts.get(names, 0) + math.prod(leaf.shape)
   groups = {}
   for (top, *sub), n in counts.items():
     groups.setdefault(top, []).append((sub[0] if sub else "", n))

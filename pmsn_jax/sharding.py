@@ -199,18 +199,37 @@ def step_input_shardings(batch, mesh: Mesh) -> dict:
   return {k: replicated(mesh) if k == "prior" else batch_sharding(mesh) for k in batch}
 
 
-def check_batch_size(global_batch: int, mesh: Mesh, processes: int | None = None) -> None:
-  """Fails before compiling if the batch cannot be split over the mesh and the hosts
-  (`processes`, default jax.process_count())."""
+def check_batch_size(global_batch: int, mesh: Mesh, processes: int | None = None, *,
+                     key: str = "batch_size") -> None:
+  """Fails before compiling if the global batch (config.`key`: the train batch, or an
+  evaluation one) cannot be split over the mesh and the hosts (`processes`, default
+  jax.process_count())."""
   shards, hosts = batch_shards(mesh), processes or jax.process_count()
   if shards < hosts:
     raise ValueError(f"config.mesh {dict(mesh.shape)} splits the batch {shards} ways, fewer "
                      f"than the {hosts} processes: each process must feed its own slice, so "
                      f"give data x fsdp at least {hosts} devices")
   if global_batch % shards or global_batch % hosts:
-    raise ValueError(f"batch_size={global_batch} must be divisible by data x fsdp ({shards}) "
-                     f"and the process count ({hosts}); pick a multiple of "
-                     f"{math.lcm(shards, hosts)}.")
+    raise ValueError(f"config.{key}={global_batch} must be a multiple of the {hosts} "
+                     f"process(es) and of the mesh's {shards} batch shards (data x fsdp); set "
+                     f"--config.{key} to a multiple of {math.lcm(shards, hosts)}")
+
+
+def from_host(x, sharding_: NamedSharding) -> jax.Array:
+  """A host array that every process holds whole, as one global array laid out by `sharding_`:
+  each process fills only its own devices from its copy, so it works on every host of a
+  multi-host run (jax.device_put of a host array does not)."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding_, lambda index: x[index])
+
+
+def rows_from_host(x, mesh: Mesh, fill=0) -> jax.Array:
+  """Host rows [N, ...] (the same on every process) laid out by batch_sharding(mesh), padded
+  with `fill` rows to a multiple of the batch shards."""
+  x = np.asarray(x)
+  pad = -x.shape[0] % batch_shards(mesh)
+  x = np.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1), constant_values=fill)
+  return from_host(x, batch_sharding(mesh))
 
 
 def to_global(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

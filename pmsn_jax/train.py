@@ -82,12 +82,6 @@ def pretraining_class_counts(data, rows) -> np.ndarray:
   return np.bincount(data.labels[rows], minlength=data.num_classes)
 
 
-def replicate(x, replicated) -> jax.Array:
-  """A host array that every process holds, as one replicated global array (multi-host safe)."""
-  x = np.asarray(x)
-  return jax.make_array_from_callback(x.shape, replicated, lambda index: x[index])
-
-
 def say(message: str) -> None:
   """Progress messages for the user, from process 0 only (absl INFO is left to libraries)."""
   if jax.process_index() == 0:
@@ -237,7 +231,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
       config, start_step=start_step, saved=prior_fit.load(workdir),
       class_counts=lambda: pretraining_class_counts(train_split, pretrain_rows))
   replicated = sharding.replicated(mesh)
-  prior = replicate(priors.prior, replicated)
+  prior = sharding.from_host(priors.prior, replicated)
   if priors.fit is not None:
     say(priors.fit.describe(config.model.num_prototypes))
   elif priors.pending:
@@ -315,7 +309,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
         writer.write(current, scalars)
         say(metrics.format_line(current, config.total_steps, scalars))
       if priors.observe(current, step_aux):  # prior = "fit", "clusters": warm-up ends
-        prior = replicate(priors.prior, replicated)
+        prior = sharding.from_host(priors.prior, replicated)
         if jax.process_index() == 0:
           prior_fit.save(workdir, priors.fit)  # before any checkpoint that needs it to resume
         writer.write(current, priors.fit.scalars())

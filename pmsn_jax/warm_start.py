@@ -30,7 +30,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from pmsn_jax import checkpoint, msn_reader, paths, state_dicts, step
+from pmsn_jax import checkpoint, msn_reader, paths, sharding, state_dicts, step
 
 
 @dataclasses.dataclass
@@ -107,16 +107,15 @@ def warm_start(state: step.TrainState, config,
 
 def _replaced(tree: nnx.State, new: dict) -> nnx.State:
   """A copy of `tree` whose leaves under `new`'s keys are `new`'s host arrays, placed with the
-  replaced leaf's sharding and cast to its dtype (jax.make_array_from_callback: each process
-  places its own shards, so this works on every host of a multi-host run)."""
+  replaced leaf's sharding and cast to its dtype (sharding.from_host: each process places its
+  own shards, so this works on every host of a multi-host run)."""
   def merge(old, update, path):
     if not isinstance(update, dict):
       value = np.asarray(update)
       if value.shape != old.shape:  # check_against_config catches sizes before this
         raise ValueError(f"warm start: {path} has shape {value.shape} in config.init_from, "
                          f"{old.shape} in the train state")
-      value = value.astype(old.dtype)
-      return jax.make_array_from_callback(old.shape, old.sharding, lambda index: value[index])
+      return sharding.from_host(value.astype(old.dtype), old.sharding)
     missing = set(update) - set(old)
     if missing:
       raise ValueError(f"warm start: {path}/{sorted(missing)[0]} is not in the train state")

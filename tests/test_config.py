@@ -91,6 +91,8 @@ def test_official_recipes_match_method_md():
     ("eval.shot_thresholds", (20, 100), "few <= many"),
     ("eval.shot_thresholds", (100,), "eval.shot_thresholds"),
     ("eval.lowshot_l2", 0.0, "eval.lowshot_l2"),
+    ("eval.linear_protocol", "dino", "eval.linear_protocol"),
+    ("profile_steps", -1, "profile_steps"),
     ("compute_dtype", "float16", "compute_dtype"),
     ("loss.prior_fit_source", "guess", "loss.prior_fit_source"),
     ("diagnostics.prototypes_every_steps", 150, "diagnostics.prototypes_every_steps"),

@@ -70,27 +70,34 @@ def eval_batches(data, cfg, *, local_batch: int, max_examples: int = 0, process_
   preprocess = tf.autograph.experimental.do_not_convert(
       lambda x, y, r: (augment.eval_preprocess_batch(x, cfg), y, r))
   ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  num_batches = eval_num_batches(num_rows, local_batch, process_count)
-  read = 0
-  shape = None
+  read = yield from _whole_batches(ds, cfg, local_batch,
+                                   eval_num_batches(num_rows, local_batch, process_count),
+                                   np.float32)
+  if read < end - start:
+    logging.warning("evaluation: %d images among rows %d-%d could not be decoded and were "
+                    "left out (python -m pmsn_jax.data.inspect lists them)", end - start - read,
+                    start, end - 1)
+
+
+def _whole_batches(ds: tf.data.Dataset, cfg, local_batch: int, num_batches: int, dtype):
+  """Yields exactly num_batches dicts of local_batch rows (image [S,S,C] of `dtype`, label,
+  row): the batches of `ds`'s (image, label, row) batches, the last one padded with rows -1,
+  then batches of padding only. Returns the number of rows `ds` gave."""
+  read, shape = 0, None
   for images, labels, rows in pipeline.numpy_iterator(ds.prefetch(pipeline.PREFETCH)):
-    read += len(rows)
-    shape = images.shape[1:]
+    read, shape = read + len(rows), images.shape[1:]
     pad = local_batch - len(rows)
     yield {"image": np.pad(images, ((0, pad),) + ((0, 0),) * 3),
            "label": np.pad(labels.astype(np.int32), (0, pad)),
            "row": np.pad(rows.astype(np.int32), (0, pad), constant_values=-1)}
     num_batches -= 1
-  if read < end - start:
-    logging.warning("evaluation: %d images among rows %d-%d could not be decoded and were "
-                    "left out (python -m pmsn_jax.data.inspect lists them)", end - start - read,
-                    start, end - 1)
-  if num_batches and shape is None:  # A block with no readable image: its shape, for padding.
+  if num_batches and shape is None:  # A block with no readable image: the config's shape.
     size, channels = int(augment.field(cfg, "image_size")), int(augment.field(cfg, "channels"))
     shape = (size, size, channels)
   for _ in range(num_batches):
-    yield {"image": np.zeros((local_batch, *shape), np.float32),
+    yield {"image": np.zeros((local_batch, *shape), dtype),
            "label": np.zeros(local_batch, np.int32), "row": np.full(local_batch, -1, np.int32)}
+  return read
 
 
 # MSN's linear_eval.py: RandomResizedCrop(scale=(0.08, 1)) and a random flip, no colour ops.
@@ -114,45 +121,39 @@ def linear_eval_batches(data, cfg, *, local_batch: int, seed: int, epoch: int,
   num_rows = eval_split_size(data, max_examples)
   start, end = eval_block(num_rows, process_index, process_count)
   view_cfg = _Overlay(cfg, target_scale=LINEAR_EVAL_SCALE, num_focal=0)
-  size, channels = int(augment.field(cfg, "image_size")), int(augment.field(cfg, "channels"))
   seeds = lambda rows: pipeline.example_seeds(seed, epoch * num_rows + rows)  # noqa: E731
-  if isinstance(data, TfdsImages):
-    key = tf.random.experimental.stateless_fold_in(tf.constant([seed, -5], tf.int64), epoch)
-    records = data.as_dataset(rows=(start, end)).shuffle(pipeline.SHUFFLE_BUFFER,
-                                                          seed=int(key[0]))
-    rows = tf.data.Dataset.range(start, end)  # Positions in the read order, not TFDS rows.
-    ds = tf.data.Dataset.zip(records, rows).map(
-        lambda record, row: (record[0], record[1], row))
+  if isinstance(data, LabelledImages):
+    images, labels = tf.constant(data.images), tf.constant(data.labels)
+    ds = tf.data.Dataset.from_tensor_slices(
+        pipeline.epoch_permutation(end - start, seed, epoch) + start)
+    ds = ds.batch(local_batch).map(
+        lambda rows: (augment.make_views_batch(tf.gather(images, rows), seeds(rows),
+                                               view_cfg)["target"],
+                      tf.gather(labels, rows), rows))
   else:
-    order = pipeline.epoch_permutation(end - start, seed, epoch) + start
-    ds = tf.data.Dataset.from_tensor_slices(order)
-    if isinstance(data, LabelledImages):
-      images, labels = tf.constant(data.images), tf.constant(data.labels)
-      ds = ds.batch(local_batch).map(
-          lambda rows: (augment.make_views_batch(tf.gather(images, rows), seeds(rows),
-                                                 view_cfg)["target"],
-                        tf.gather(labels, rows), rows)).unbatch()
+    if isinstance(data, TfdsImages):
+      key = tf.random.experimental.stateless_fold_in(tf.constant([seed, -5], tf.int64), epoch)
+      records = data.as_dataset(rows=(start, end)).shuffle(pipeline.SHUFFLE_BUFFER,
+                                                            seed=int(key[0]))
+      rows = tf.data.Dataset.range(start, end)  # Positions in the read order, not TFDS rows.
+      ds = tf.data.Dataset.zip(records, rows).map(
+          lambda record, row: (record[0], record[1], row))
     else:
       paths, labels = tf.constant(data.paths), tf.constant(data.labels)
+      ds = tf.data.Dataset.from_tensor_slices(
+          pipeline.epoch_permutation(end - start, seed, epoch) + start)
       ds = ds.map(lambda row: (tf.io.read_file(paths[row]), labels[row], row))
-  if not isinstance(data, LabelledImages):
+    channels = int(augment.field(cfg, "channels"))
+
     @tf.autograph.experimental.do_not_convert
     def crop(encoded, label, row):
       view = augment.make_views_encoded(encoded, seeds(row[None])[0], view_cfg, channels)
       return view["target"], label, row
 
     ds = ds.map(crop, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
-  num_batches = eval_num_batches(num_rows, local_batch, process_count)
-  batches = ds.batch(local_batch).prefetch(pipeline.PREFETCH)
-  for images, labels, rows in pipeline.numpy_iterator(batches):
-    pad = local_batch - len(rows)
-    yield {"image": np.pad(images, ((0, pad),) + ((0, 0),) * 3),
-           "label": np.pad(labels.astype(np.int32), (0, pad)),
-           "row": np.pad(rows.astype(np.int32), (0, pad), constant_values=-1)}
-    num_batches -= 1
-  for _ in range(num_batches):
-    yield {"image": np.zeros((local_batch, size, size, channels), np.uint8),
-           "label": np.zeros(local_batch, np.int32), "row": np.full(local_batch, -1, np.int32)}
+    ds = ds.batch(local_batch)
+  yield from _whole_batches(ds, cfg, local_batch,
+                            eval_num_batches(num_rows, local_batch, process_count), np.uint8)
 
 
 class _Overlay:

@@ -47,15 +47,10 @@ class SplitFeatures:
   def from_host(cls, values: np.ndarray, labels: np.ndarray, mesh: Mesh) -> "SplitFeatures":
     """Features computed elsewhere ([N, D] and [N], the same on every process), laid out as
     extract() lays them out; row i's key is i."""
-    from pmsn_jax.evals import linear  # pylint: disable=import-outside-toplevel
-
-    num_rows = len(labels)
-    values, labels, _ = linear.layout_rows(np.asarray(values, np.float32),
-                                           np.asarray(labels, np.int32), mesh)
-    keys = np.arange(values.shape[0], dtype=np.int32)
-    keys[num_rows:] = -1  # the padding layout_rows added
-    return cls(values, labels, _put_rows(keys, mesh), np.asarray(jax.device_get(labels)),
-               keys, mesh)
+    keys = sharding.rows_from_host(np.arange(len(labels), dtype=np.int32), mesh, fill=-1)
+    labels = sharding.rows_from_host(np.asarray(labels, np.int32), mesh)
+    return cls(sharding.rows_from_host(np.asarray(values, np.float32), mesh), labels, keys,
+               np.asarray(jax.device_get(labels)), np.asarray(jax.device_get(keys)), mesh)
 
   @functools.cached_property
   def order(self) -> np.ndarray:
@@ -67,10 +62,8 @@ class SplitFeatures:
     """values[positions] as a NumPy array on every process, [n, D] float32. Each device
     contributes the requested rows it holds (an all-reduce of n x D), so only those rows
     move, never the whole array."""
-    positions = np.asarray(positions, np.int32)
-    replicated = sharding.replicated(self.mesh)
-    positions = jax.make_array_from_callback(positions.shape, replicated,
-                                             lambda index: positions[index])
+    positions = sharding.from_host(np.asarray(positions, np.int32),
+                                   sharding.replicated(self.mesh))
     return np.asarray(_take_fn(self.mesh)(self.values, positions).addressable_data(0))
 
   def to_host(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -83,7 +76,8 @@ class SplitFeatures:
   def keys_where(self, keep: np.ndarray) -> jax.Array:
     """`keys` with -1 where `keep` ([R] bool, layout order) is false: a sub-bank for the k-NN
     (e.g. the long-tailed pretraining rows) without copying any feature."""
-    return _put_rows(np.where(keep, self.host_keys, -1).astype(np.int32), self.mesh)
+    return sharding.rows_from_host(np.where(keep, self.host_keys, -1).astype(np.int32),
+                                   self.mesh)
 
 
 def extract(encoders: dict[str, Callable], data, config, mesh: Mesh, *,
@@ -96,15 +90,14 @@ def extract(encoders: dict[str, Callable], data, config, mesh: Mesh, *,
   processes and of the mesh's batch shards (each process streams batch_size / processes rows).
   """
   batch_size, processes = int(config.eval.batch_size), jax.process_count()
-  check_batch(batch_size, processes, mesh, "batch_size")
+  sharding.check_batch_size(batch_size, mesh, key="eval.batch_size")
   rows_sharding = sharding.batch_sharding(mesh)
   outputs = collections.defaultdict(list)
   for batch in eval_stream.eval_batches(data, config.data, local_batch=batch_size // processes,
                                      max_examples=max_examples,
                                      process_index=jax.process_index(),
                                      process_count=processes):
-    batch = {k: jax.make_array_from_process_local_data(rows_sharding, v)
-             for k, v in batch.items()}
+    batch = sharding.to_global(batch, mesh)
     for name, encode in encoders.items():
       # device_put: a no-op unless the encoder laid its output out otherwise.
       outputs[name].append(jax.device_put(encode(batch["image"]), rows_sharding))
@@ -124,14 +117,12 @@ def linear_eval_epoch(encode: Callable, data, config, mesh: Mesh, *, epoch: int,
   config.eval.linear_batch_size fresh random crops, (features [G, D], labels [G], weights [G])
   on the mesh, batch-sharded; weight 0 marks padding. Each process streams its own block."""
   batch_size, processes = int(config.eval.linear_batch_size), jax.process_count()
-  check_batch(batch_size, processes, mesh, "linear_batch_size")
-  rows_sharding = sharding.batch_sharding(mesh)
+  sharding.check_batch_size(batch_size, mesh, key="eval.linear_batch_size")
   normalise = _normaliser(tuple(config.data.mean), tuple(config.data.std))
   for batch in eval_stream.linear_eval_batches(
       data, config.data, local_batch=batch_size // processes, seed=config.seed, epoch=epoch,
       max_examples=max_examples, process_index=jax.process_index(), process_count=processes):
-    batch = {k: jax.make_array_from_process_local_data(rows_sharding, v)
-             for k, v in batch.items()}
+    batch = sharding.to_global(batch, mesh)
     yield (encode(normalise(batch["image"])), batch["label"],
            jnp.where(batch["row"] >= 0, 1.0, 0.0))
 
@@ -141,15 +132,6 @@ def _normaliser(mean, std):
   """uint8 images -> the normalised floats encoders take (augment._normalise, on device)."""
   mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
   return jax.jit(lambda x: (x.astype(jnp.float32) / 255.0 - mean) / std)
-
-
-def check_batch(batch_size, processes, mesh, name):
-  """A global eval batch must split evenly over the processes and the mesh's batch shards."""
-  shards = sharding.batch_shards(mesh)
-  if batch_size % processes or batch_size % shards:
-    raise ValueError(f"eval.{name}={batch_size} must be a multiple of the {processes} "
-                     f"process(es) and of the mesh's {shards} batch shards; set "
-                     f"--config.eval.{name} to a multiple of {np.lcm(processes, shards)}")
 
 
 def _stack(batches: list[jax.Array], rows_sharding) -> jax.Array:
@@ -163,12 +145,6 @@ def _stack(batches: list[jax.Array], rows_sharding) -> jax.Array:
   arrays = [jnp.concatenate(parts) for parts in per_device.values()]
   del batches[:]  # The per-batch arrays go as soon as their rows are concatenated.
   return jax.make_array_from_single_device_arrays(shape, rows_sharding, arrays)
-
-
-def _put_rows(host: np.ndarray, mesh: Mesh) -> jax.Array:
-  """A host array every process holds whole, laid out by rows over the batch axes."""
-  return jax.make_array_from_callback(host.shape, sharding.batch_sharding(mesh),
-                                      lambda index: host[index])
 
 
 @functools.lru_cache(maxsize=8)

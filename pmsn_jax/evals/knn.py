@@ -175,14 +175,6 @@ def _bank_axes(mesh):
   return sharding.batch_sharding(mesh), sharding.batch_axes(mesh)
 
 
-def _replicated(mesh, value):
-  """A host value identical on every process as a replicated global array, built by callback:
-  each process fills its own devices from its own copy, so it also works with several."""
-  value = np.asarray(value)
-  return jax.make_array_from_callback(value.shape, sharding.replicated(mesh),
-                                      lambda index: value[index])
-
-
 def _fetch(x):
   """A replicated global array as numpy, from this process's first device (np.asarray of a
   multi-process array raises: it is not fully addressable)."""
@@ -334,8 +326,10 @@ def knn_sharded(bank, bank_labels, bank_keys, queries, *, mesh, num_classes, k=2
   # keeps the bank's sharding.
   bank = l2_normalize(bank)
   chunk_fn = _sharded_chunk_fn(mesh, int(k), int(num_classes))
-  temperature = _replicated(mesh, np.float32(temperature))
-  outs = [chunk_fn(bank, bank_labels, bank_keys, _replicated(mesh, block), temperature)
+  replicated = sharding.replicated(mesh)
+  temperature = sharding.from_host(np.float32(temperature), replicated)
+  outs = [chunk_fn(bank, bank_labels, bank_keys, sharding.from_host(block, replicated),
+                   temperature)
           for block in _query_chunks(queries, chunk_size)]
   # Fetch once at the end so host work overlaps with device compute (async dispatch).
   preds, sims, keys = (np.concatenate([_fetch(o[i]) for o in outs])[:num_queries]
@@ -363,16 +357,11 @@ def knn_neighbors_sharded(train_features, train_labels, test_features, *, mesh, 
       train_features, train_labels, test_features, num_classes)
   _check_knn_args(train_features.shape[0], k, temperature, chunk_size)
   num_train = train_features.shape[0]
-  pad = -num_train % sharding.batch_shards(mesh)
-  bank_sharding, _ = _bank_axes(mesh)
-
-  def put(x, fill):
-    x = np.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1), constant_values=fill)
-    return jax.make_array_from_callback(x.shape, bank_sharding, lambda index: x[index])
-
-  return knn_sharded(put(train_features, 0), put(train_labels, 0),
-                     put(np.arange(num_train, dtype=np.int32), -1), test_features, mesh=mesh,
-                     num_classes=num_classes, k=k, temperature=temperature, chunk_size=chunk_size)
+  return knn_sharded(sharding.rows_from_host(train_features, mesh),
+                     sharding.rows_from_host(train_labels, mesh),
+                     sharding.rows_from_host(np.arange(num_train, dtype=np.int32), mesh, fill=-1),
+                     test_features, mesh=mesh, num_classes=num_classes, k=k,
+                     temperature=temperature, chunk_size=chunk_size)
 
 
 def knn_classify_sharded(train_features, train_labels, test_features, *, mesh, num_classes,

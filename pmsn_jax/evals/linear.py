@@ -117,10 +117,6 @@ def _epoch_fn(mesh, local_batch, steps, learning_rate, momentum, total_steps):
   axes = sharding.batch_axes(mesh)
   tx = _optimizer(learning_rate, momentum, total_steps)
 
-  def loss_sum(params, x, y, mask):
-    ce = optax.softmax_cross_entropy_with_integer_labels(_logits(params, x), y)
-    return jnp.sum(ce * mask)
-
   def local_epoch(params, opt_state, values, labels, weights, key, epoch):
     num_local = values.shape[0]
     shard = jax.lax.axis_index(axes) if axes else 0
@@ -133,27 +129,17 @@ def _epoch_fn(mesh, local_batch, steps, learning_rate, momentum, total_steps):
       params, opt_state = carry
       idx, real = batch
       mask = jnp.where(real, weights[idx].astype(jnp.float32), 0.0)
-      # Masked rows are zeroed, not only weighted 0: NaN features or out-of-range labels in
-      # rows of weight 0 would otherwise turn 0 * ce into NaN.
-      x = jnp.where(mask[:, None] > 0, values[idx].astype(jnp.float32), 0.0)
-      y = jnp.where(mask > 0, labels[idx].astype(jnp.int32), 0)
+      x, y = values[idx], labels[idx]
       count = jnp.sum(mask)
       if axes:
         # The gradient is taken w.r.t. a per-shard (varying) copy of the params: w.r.t. the
         # replicated params themselves, shard_map's autodiff would already psum it, and the
         # explicit psum below would count it `shards` times.
         local = jax.lax.pcast(params, axes, to="varying")
-        grads, count = jax.lax.psum((jax.grad(loss_sum)(local, x, y, mask), count), axes)
+        grads, count = jax.lax.psum((jax.grad(_masked_ce_sum)(local, x, y, mask), count), axes)
       else:
-        grads = jax.grad(loss_sum)(params, x, y, mask)
-      grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
-      updates, new_opt_state = tx.update(grads, opt_state, params)
-      new = (optax.apply_updates(params, updates), new_opt_state)
-      # A global batch without a real row is skipped outright: params, momentum and the
-      # schedule's step count stay as they were (a zero gradient would still move the params
-      # through the momentum).
-      keep = count > 0
-      return jax.tree.map(lambda n, o: jnp.where(keep, n, o), new, carry), None
+        grads = jax.grad(_masked_ce_sum)(params, x, y, mask)
+      return _mean_gradient_step(tx, params, opt_state, grads, count), None
 
     batches = (order.reshape(steps, local_batch), in_range.reshape(steps, local_batch))
     (params, opt_state), _ = jax.lax.scan(step, (params, opt_state), batches)
@@ -166,6 +152,26 @@ def _epoch_fn(mesh, local_batch, steps, learning_rate, momentum, total_steps):
       out_specs=(replicated, replicated)), donate_argnums=(0, 1))
 
 
+def _masked_ce_sum(params, values, labels, mask):
+  """Σ_rows mask · cross-entropy. Rows of mask 0 are zeroed, not only weighted 0: NaN features
+  or out-of-range labels there would otherwise turn 0 * ce into NaN."""
+  x = jnp.where(mask[:, None] > 0, values.astype(jnp.float32), 0.0)
+  y = jnp.where(mask > 0, labels.astype(jnp.int32), 0)
+  ce = optax.softmax_cross_entropy_with_integer_labels(_logits(params, x), y)
+  return jnp.sum(ce * mask)
+
+
+def _mean_gradient_step(tx, params, opt_state, grads_sum, count):
+  """(params, opt_state) after one optimiser step on the mean gradient grads_sum / count. A
+  batch without a real row (count 0) is skipped outright: params, momentum and the schedule's
+  step count stay as they were (a zero gradient would still move the params through the
+  momentum)."""
+  grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads_sum)
+  updates, new_opt_state = tx.update(grads, opt_state, params)
+  new = (optax.apply_updates(params, updates), new_opt_state)
+  return jax.tree.map(lambda n, o: jnp.where(count > 0, n, o), new, (params, opt_state))
+
+
 def _check_train_args(epochs, batch_size, learning_rate):
   if epochs < 1:
     raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -175,12 +181,13 @@ def _check_train_args(epochs, batch_size, learning_rate):
     raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
 
 
-def check_batch_size(batch_size, mesh):
-  """Each row shard takes batch_size // shards rows a step: at least one."""
+def check_batch_size(batch_size, mesh, key="batch_size"):
+  """Each row shard takes batch_size // shards rows a step: at least one. `key` names the
+  setting in the error (the suite passes "eval.linear_batch_size")."""
   shards = sharding.batch_shards(mesh)
   if batch_size < shards:
-    raise ValueError(f"batch_size={batch_size} is smaller than the {shards} row shards of the "
-                     f"mesh (data x fsdp); pass batch_size >= {shards}, ideally a multiple of it")
+    raise ValueError(f"{key}={batch_size} is smaller than the mesh's {shards} row shards "
+                     f"(data x fsdp); pass {key} >= {shards}, ideally a multiple of it")
 
 
 def _epoch_settings(num_rows, mesh, batch_size):
@@ -258,13 +265,8 @@ def layout_rows(train_features, train_labels, mesh):
   """Host [N, D] features and [N] labels -> (values, labels, weights) global arrays in
   sharding.batch_sharding(mesh), padded with weight-0 rows to a multiple of the shard count.
   Every process passes the same full arrays and supplies only its own devices' rows."""
-  num = train_features.shape[0]
-  pad = -num % sharding.batch_shards(mesh)
-  weights = np.pad(np.ones((num,), np.float32), (0, pad))
-  arrays = (np.pad(train_features, ((0, pad), (0, 0))), np.pad(train_labels, (0, pad)), weights)
-  row_sharding = sharding.batch_sharding(mesh)
-  return tuple(jax.make_array_from_callback(a.shape, row_sharding, lambda index, a=a: a[index])
-               for a in arrays)
+  weights = np.ones((train_features.shape[0],), np.float32)
+  return tuple(sharding.rows_from_host(x, mesh) for x in (train_features, train_labels, weights))
 
 
 def linear_probe(train_features, train_labels, test_features, *, num_classes, epochs=100,
@@ -305,18 +307,9 @@ def _batch_step_fn(mesh, learning_rate, momentum, total_steps):
   tx = _optimizer(learning_rate, momentum, total_steps)
 
   def step(params, opt_state, features, labels, weights):
-    real = weights > 0
-    x = jnp.where(real[:, None], features.astype(jnp.float32), 0.0)
-    y = jnp.where(real, labels, 0)
-
-    def mean_ce(params):
-      ce = optax.softmax_cross_entropy_with_integer_labels(_logits(params, x), y)
-      return jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-
-    updates, new_opt_state = tx.update(jax.grad(mean_ce)(params), opt_state, params)
-    new = (optax.apply_updates(params, updates), new_opt_state)
-    keep = jnp.sum(weights) > 0  # A batch of padding only (a short process block) is skipped.
-    return jax.tree.map(lambda n, o: jnp.where(keep, n, o), new, (params, opt_state))
+    # A batch of padding only (the tail of a short process block) is skipped.
+    grads = jax.grad(_masked_ce_sum)(params, features, labels, weights)
+    return _mean_gradient_step(tx, params, opt_state, grads, jnp.sum(weights))
 
   return jax.jit(step, donate_argnums=(0, 1), out_shardings=NamedSharding(mesh, P()))
 

@@ -51,14 +51,11 @@ def check(splits: EvalSplits, config, mesh, *, linear_probe: bool = True) -> Non
   e = config.eval
   num_train = eval_stream.eval_split_size(splits.train, e.max_train_examples)
   eval_stream.eval_split_size(splits.test, e.max_test_examples)
-  processes = jax.process_count()
-  features.check_batch(e.batch_size, processes, mesh, "batch_size")
+  sharding.check_batch_size(e.batch_size, mesh, key="eval.batch_size")
   if linear_probe and e.linear_protocol == "msn":
-    features.check_batch(e.linear_batch_size, processes, mesh, "linear_batch_size")
-  elif linear_probe and e.linear_batch_size < sharding.batch_shards(mesh):
-    raise ValueError(f"eval.linear_batch_size={e.linear_batch_size} is smaller than the mesh's "
-                     f"{sharding.batch_shards(mesh)} batch shards (each takes its share of a "
-                     f"step); set --config.eval.linear_batch_size to a multiple of them")
+    sharding.check_batch_size(e.linear_batch_size, mesh, key="eval.linear_batch_size")
+  elif linear_probe:
+    linear.check_batch_size(e.linear_batch_size, mesh, key="eval.linear_batch_size")
   shots = tuple(e.lowshot_shots)
   labels = getattr(splits.train, "labels", None)
   if linear_probe and shots and labels is not None:
