@@ -26,6 +26,11 @@ Plans (issue 7; docs/results.md says which ran, how long they took, and what the
   long         one demo-config PMSN run of --steps (e.g. 16000: runs/long/pmsn_16k), with the
                demo's own warm-up and a k-NN evaluation every quarter: longer training against
                raw pixels.
+  prereg       issue 28's pre-registered campaign (docs/preregistration.md): arms A (MSN),
+               B (PMSN, label-fitted power law, uniform Sinkhorn marginal) and C (B with the
+               prior as marginal) in three regimes (PREREG_REGIMES), 1500 steps unless --steps;
+               run dirs RUNS/prereg/REGIME/ARM_sSEED, ordered seed by seed so that a campaign
+               stopped early holds whole seeds of every regime.
 Every run of a plan gets the same compute (steps x batch), so rows compare at equal cost.
 """
 
@@ -44,10 +49,44 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PLANS = ("prior_grid", "paired", "minibatch", "imbalance", "long")
+PLANS = ("prior_grid", "paired", "minibatch", "imbalance", "long", "prereg")
 MARGINALS = {"prior": ["--config.loss.sinkhorn_marginal=prior"],
              "uniform": ["--config.loss.sinkhorn_marginal=uniform"],
              "off": ["--config.loss.sinkhorn_iters=0"]}
+
+
+HARD_TAIL = "--config.data.class_order=(0,1,3,5,7,8,9,4,2,6)"
+# regime -> (data and prototype overrides, arms, seeds); docs/preregistration.md fixes them.
+PREREG_REGIMES = {
+    "prereg_lt_k10": ([HARD_TAIL, "--config.model.num_prototypes=10"], "ABC", 6),
+    # 14,886 long-tailed images / 10 classes -> 1,489 per class: the same size, balanced.
+    "prereg_balanced_k10": (["--config.data.imbalance_ratio=1", "--config.data.max_per_class=1489",
+                             "--config.model.num_prototypes=10"], "AB", 6),
+    "prereg_hardtail_k32": ([HARD_TAIL, "--config.model.num_prototypes=32"], "AB", 3),
+}
+# arm -> (run-name prefix, demo config arg, loss overrides). B is PMSN as lightly's PMSNLoss and
+# stable-pretraining's PMSN do it (MSN's uniform Sinkhorn, KL(p̄ ‖ π)); the power law's τ_p is
+# fitted to the pretraining labels (label-informed); C differs from B in the marginal only.
+PREREG_ARMS = {
+    "A": ("msn", "msn", []),
+    "B": ("pmsn_fit_uniform", "", ["--config.loss.prior=fit", "--config.loss.prior_fit_source=labels",
+                                   "--config.loss.sinkhorn_marginal=uniform"]),
+    "C": ("pmsn_fit_prior", "", ["--config.loss.prior=fit", "--config.loss.prior_fit_source=labels",
+                                 "--config.loss.sinkhorn_marginal=prior"]),
+}
+
+
+def prereg_rows() -> list[tuple[str, str, list[str]]]:
+  """The pre-registered runs, seed by seed across regimes (primary regime first)."""
+  rows = []
+  for seed in range(max(seeds for _, _, seeds in PREREG_REGIMES.values())):
+    for regime, (data, arms, seeds) in PREREG_REGIMES.items():
+      if seed < seeds:
+        for arm in arms:
+          prefix, config_arg, loss = PREREG_ARMS[arm]
+          rows.append((f"{regime}/{prefix}_s{seed}", config_arg,
+                       data + loss + [f"--config.seed={seed}"]))
+  return rows
 
 
 def pmsn(tau: float, marginal: str) -> list[str]:
@@ -123,6 +162,8 @@ def plan_rows(plan: str, args) -> list[tuple[str, str, list[str]]]:
     rows.append((f"pmsn_{args.steps / 1000:g}k", "", [f"--config.total_steps={args.steps}",
                                                        f"--config.eval_every_steps="
                                                        f"{max(1, args.steps // 4)}"]))
+  elif plan == "prereg":
+    rows = prereg_rows()
   else:
     raise SystemExit(f"unknown plan {plan!r}; choose from {', '.join(PLANS)} (--list shows "
                      "them).")
@@ -308,7 +349,7 @@ def main():
                       "give such a sweep its own --runs_dir")
   parser.add_argument("--steps", type=int, default=0,
                       help="training steps of every run (0: the config's 2000; imbalance: 500; "
-                      "long: required); use a separate --runs_dir per length")
+                      "prereg: 1500; long: required); use a separate --runs_dir per length")
   args = parser.parse_args()
   for name, low in (("steps", 0), ("seeds", 1), ("parallel", 1), ("prototypes", 0)):
     if getattr(args, name) < low:
@@ -337,7 +378,7 @@ def main():
       continue
     rows = plan_rows(plan, args)
     # A long run keeps the demo's warm-up and checkpointing; the short plans scale them.
-    steps = 0 if plan == "long" else args.steps or (500 if plan == "imbalance" else 0)
+    steps = 0 if plan == "long" else args.steps or {"imbalance": 500, "prereg": 1500}.get(plan, 0)
     if not (args.dry_run or args.list):
       check_overrides(os.path.join(args.runs_dir, plan), args.override)
     extra = length_overrides(steps) + [f"--config.{o}" for o in args.override]

@@ -34,7 +34,7 @@ def _overrides(rows):
 
 
 @pytest.mark.parametrize("plan, runs", [("prior_grid", 10), ("paired", 6), ("minibatch", 4),
-                                        ("imbalance", 24)])
+                                        ("imbalance", 24), ("prereg", 36)])
 def test_plans_have_their_runs_with_unique_names(plan, runs):
   rows = sweep.plan_rows(plan, ARGS)
   assert len(rows) == runs and len({name for name, _, _ in rows}) == runs
@@ -383,3 +383,31 @@ def test_imbalance_map_pairs_cells_and_seeds(tmp_path):
     (tmp_path / "plan" / name / "config.json").write_text(json.dumps(config))
   with pytest.raises(SystemExit):
     imbalance_map.main([str(tmp_path / "plan"), f"--out={out}"])
+
+
+def test_prereg_plan_is_the_registered_design():
+  rows = sweep.plan_rows("prereg", ARGS)
+  by_regime = {}
+  for (name, config_arg, _), overrides in zip(rows, _overrides(rows)):
+    regime, run = name.split("/")
+    by_regime.setdefault(regime, []).append((run, config_arg, overrides))
+  assert {r: len(v) for r, v in by_regime.items()} == {
+      "prereg_lt_k10": 18, "prereg_balanced_k10": 12, "prereg_hardtail_k32": 6}
+  for regime, runs in by_regime.items():
+    for run, config_arg, o in runs:
+      assert (config_arg == "msn") == run.startswith("msn_")
+      assert o["model.num_prototypes"] == ("32" if regime.endswith("k32") else "10")
+      if run.startswith("pmsn"):
+        assert o["loss.prior"] == "fit" and o["loss.prior_fit_source"] == "labels"
+        assert o["loss.sinkhorn_marginal"] == ("uniform" if "uniform" in run else "prior")
+      if regime == "prereg_balanced_k10":
+        assert o["data.imbalance_ratio"] == "1" and o["data.max_per_class"] == "1489"
+      else:
+        assert o["data.class_order"] == "(0,1,3,5,7,8,9,4,2,6)"
+    # Arms pair on seeds: every arm has the same ones.
+    seeds = {}
+    for run, _, o in runs:
+      seeds.setdefault(run.rpartition("_s")[0], []).append(o["seed"])
+    assert len({tuple(v) for v in seeds.values()}) == 1
+  # Seed by seed: the first 7 runs are seed 0 of every regime.
+  assert {o["seed"] for o in _overrides(rows[:7])} == {"0"}

@@ -41,6 +41,56 @@ def difference_ci(differences, confidence: float = 0.95) -> tuple[float, float, 
   return mean, mean - half, mean + half
 
 
+def paired_p_value(differences) -> float:
+  """Two-sided p of the paired t test that the mean difference is 0 (0 if every difference is
+  the same non-zero number, 1 if all are 0)."""
+  d = np.asarray(differences, np.float64)
+  if d.size < 2:
+    raise ValueError(f"{d.size} paired difference(s): a test needs at least 2 shared seeds")
+  sd = d.std(ddof=1)
+  if sd == 0:
+    return 1.0 if d.mean() == 0 else 0.0
+  t = d.mean() / (sd / math.sqrt(d.size))
+  return float(2 * stats.t.sf(abs(t), d.size - 1))
+
+
+def holm(p_values) -> list[float]:
+  """Holm's step-down adjusted p values (family-wise error), in the order given: the i-th
+  smallest p is multiplied by m - i + 1 (i from 1), then made non-decreasing and capped at 1."""
+  p = np.asarray(p_values, np.float64)
+  adjusted, running = np.empty_like(p), 0.0
+  for i, index in enumerate(np.argsort(p, kind="stable")):
+    running = max(running, min(1.0, (p.size - i) * p[index]))
+    adjusted[index] = running
+  return adjusted.tolist()
+
+
+def holm_levels(p_values, alpha: float = 0.05) -> list[float]:
+  """The confidence level of each comparison's interval at its Holm step: the i-th smallest p
+  is tested at alpha / (m - i + 1), so its interval is the 1 - alpha / (m - i + 1) one (a
+  two-sided t interval excludes 0 exactly when p is below that level's alpha)."""
+  order = np.argsort(np.asarray(p_values, np.float64), kind="stable")
+  levels = [0.0] * len(order)
+  for i, index in enumerate(order):
+    levels[index] = 1 - alpha / (len(order) - i)
+  return levels
+
+
+def welch_ci(a, b, confidence: float = 0.95) -> tuple[float, float, float]:
+  """(mean(a) - mean(b), low, high): Welch's interval for two independent samples (>= 2
+  each), e.g. one regime's per-seed differences against another's."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if a.size < 2 or b.size < 2:
+    raise ValueError(f"samples of {a.size} and {b.size}: Welch's interval needs >= 2 in each")
+  va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+  mean = float(a.mean() - b.mean())
+  if va + vb == 0:
+    return mean, mean, mean
+  df = (va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1))
+  half = float(stats.t.ppf(0.5 + confidence / 2, df) * math.sqrt(va + vb))
+  return mean, mean - half, mean + half
+
+
 def setting_key(flat_config: dict) -> str:
   """The config minus seed and LOSS_KEYS, as a key for pairing groups."""
   return json.dumps({k: v for k, v in flat_config.items()
