@@ -1,7 +1,7 @@
 """GFLOP/s of one ViT block's dense-layer matmuls, in JAX (XLA:CPU) or in PyTorch.
 
   python benchmarks/block_gemms.py --framework=jax [--model=Ti] [--tokens=4296]
-  /tmp/torch-venv/bin/python benchmarks/block_gemms.py --framework=torch --model=Ti
+  $TORCH_VENV/bin/python benchmarks/block_gemms.py --framework=torch --model=Ti
 
 For each of qkv, proj, fc1 and fc2 it times the forward product X·W, and the two backward
 products dY·Wᵀ (input gradient) and Xᵀ·dY (weight gradient), each alone, as the framework

@@ -1,8 +1,8 @@
 """Reference throughput: the MSN/PMSN ViT train step in eager PyTorch on the CPU, to set
 benchmarks/train_step.py (the jitted JAX step) against on the same machine.
 
-  python3 -m venv /tmp/torch-venv && /tmp/torch-venv/bin/pip install torch==2.13.0 numpy
-  /tmp/torch-venv/bin/python benchmarks/torch_train_step_reference.py --model=Ti
+  python3 -m venv $TORCH_VENV && $TORCH_VENV/bin/pip install torch==2.13.0 numpy
+  $TORCH_VENV/bin/python benchmarks/torch_train_step_reference.py --model=Ti
   (JAX side: python benchmarks/train_step.py --config=benchmarks/configs/vit_ti16_official.py)
 
 Why a separate script in its own virtualenv: torch is no dependency of pmsn_jax, and must not
