@@ -20,6 +20,7 @@ from jax.experimental.compilation_cache import compilation_cache as jax_compilat
 from pmsn_jax import (checkpoint, diagnostics, metrics, paths, prior_fit, program, run_log,
                       sharding, step, validation)
 from pmsn_jax.data import feeding, pipeline, sampling, sources
+from pmsn_jax.data.interface import DataSource
 from pmsn_jax.evals import suite
 from pmsn_jax.preemption import Preempted, PreemptionWatch
 
@@ -28,13 +29,13 @@ def load_pretraining_data(config):
   """-> (the train split, rows of it used for pretraining)."""
   d = config.data
   train = sources.load_source(d.source, d.train_split, data_dir=d.data_dir or None)
-  if isinstance(train, sources.LabelledImages) and train.images.shape[-1] != d.channels:
+  if train.channels is not None and train.channels != d.channels:  # None: decoded to fit
     raise ValueError(f"config.data.channels={d.channels} but {d.source} has "
-                     f"{train.images.shape[-1]} channels; set --config.data.channels="
-                     f"{train.images.shape[-1]} (and data.mean/std to match).")
+                     f"{train.channels} channels; set --config.data.channels="
+                     f"{train.channels} (and data.mean/std to match).")
   rows = np.arange(len(train))
   if d.imbalance_ratio > 1:
-    if isinstance(train, sources.TfdsImages):
+    if not train.random_access:
       raise ValueError(f"data.imbalance_ratio needs every label up front, which a streamed "
                        f"{d.source} split does not give: use inat_json: or folder: sources")
     counts = sampling.counts_in_class_order(
@@ -58,26 +59,14 @@ def eval_splits(config, train, pretrain_rows) -> suite.EvalSplits:
   d = config.data
   test = sources.load_source(d.source, d.test_split, data_dir=d.data_dir or None)
   # A streamed TFDS split pretrains on all its rows, whose number its metadata may not know.
-  rows = None if isinstance(train, sources.TfdsImages) else np.asarray(pretrain_rows)
+  rows = np.asarray(pretrain_rows) if train.random_access else None
   return suite.EvalSplits(train, test, rows, train.num_classes)
 
 
-def describe(data, rows) -> str:
-  """The class histogram of the pretraining data, and its empty classes, in one line."""
-  if isinstance(data, sources.TfdsImages):
-    return (f"{len(data) or 'all'} images of tfds:{data.name}:{data.split} (class counts: "
-            f"python -m pmsn_jax.data.inspect --source=tfds:{data.name})")
-  counts = np.bincount(data.labels[rows], minlength=data.num_classes)
-  shown = counts.tolist() if len(counts) <= 20 else (
-      f"{counts.max()} max, {np.median(counts):.0f} median, {counts.min()} min")
-  empty = int((counts == 0).sum())
-  return (f"{len(rows)} images in {data.num_classes} classes, class counts {shown}"
-          + (f"; {empty} classes have no images" if empty else ""))
-
-
-def pretraining_class_counts(data, rows) -> np.ndarray:
-  """Images per class among the pretraining rows (a TFDS split: one pass over its labels)."""
-  if isinstance(data, sources.TfdsImages):
+def pretraining_class_counts(data: DataSource, rows) -> np.ndarray:
+  """Images per class among the pretraining rows (a streamed split: one pass over its
+  labels, all of which pretraining uses)."""
+  if not data.random_access:
     return data.class_counts()
   return np.bincount(data.labels[rows], minlength=data.num_classes)
 
@@ -200,9 +189,9 @@ def _train_and_evaluate(config, workdir: str) -> dict:
 
   # ----------------------------------------------------------------------- data
   train_split, pretrain_rows = load_pretraining_data(config)
-  pretrain = (train_split if isinstance(train_split, sources.TfdsImages)
-              else train_split.subset(pretrain_rows))
-  say(f"pretraining data ({config.data.source}): {describe(train_split, pretrain_rows)}")
+  pretrain = (train_split.subset(pretrain_rows) if train_split.random_access
+              else train_split)
+  say(f"pretraining data ({config.data.source}): {train_split.describe(pretrain_rows)}")
   eval_data = eval_splits(config, train_split, pretrain_rows) if config.eval.enabled else None
   if eval_data is not None:
     suite.check(eval_data, config, mesh)  # fail now, not after training (e.g. low-shot k)

@@ -26,6 +26,8 @@ import os
 
 import numpy as np
 
+from pmsn_jax.data.interface import describe_labels
+
 INAT_HOW_TO_GET = (
     "download the iNaturalist 2018 release (github.com/visipedia/inat_comp/tree/master/2018) "
     "and extract train_val2018.tar.gz, train2018.json.tar.gz and val2018.json.tar.gz into it"
@@ -42,7 +44,7 @@ class ImageFiles:
   """paths str [N] (encoded JPEG/PNG/GIF/BMP files), labels int32 [N] in [0, num_classes).
 
   supercategories (optional) int32 [N] indexes supercategory_names; class_names (optional)
-  names labels 0..num_classes-1.
+  names labels 0..num_classes-1. A DataSource of encoded images, read lazily.
   """
 
   paths: np.ndarray
@@ -51,6 +53,10 @@ class ImageFiles:
   supercategories: np.ndarray | None = None
   supercategory_names: tuple[str, ...] = ()
   class_names: tuple[str, ...] = ()
+  random_access = True
+  encoded = True
+  channels = None
+  where = "the split"
 
   def __post_init__(self):
     if self.paths.ndim != 1 or self.labels.shape != self.paths.shape:
@@ -75,6 +81,22 @@ class ImageFiles:
     supers = None if self.supercategories is None else self.supercategories[indices]
     return dataclasses.replace(self, paths=self.paths[indices], labels=self.labels[indices],
                                supercategories=supers)
+
+  def describe(self, rows: np.ndarray) -> str:
+    return describe_labels(self.labels[rows], self.num_classes)
+
+  def records(self, start: int = 0, end: int | None = None):
+    """(file bytes, label) of rows [start, end), each file read when its turn comes."""
+    import tensorflow as tf  # Heavy; catalogs are built without it.
+
+    ds = tf.data.Dataset.from_tensor_slices((self.paths[start:end], self.labels[start:end]))
+    return ds.map(lambda path, label: (tf.io.read_file(path), label))
+
+  def reader(self):
+    import tensorflow as tf
+
+    paths, labels = tf.constant(self.paths), tf.constant(self.labels)
+    return lambda row: (tf.io.read_file(paths[row]), labels[row])
 
   def shard(self, index: int, count: int) -> "ImageFiles":
     """Process `index` of `count`'s rows (shard_rows)."""

@@ -17,18 +17,16 @@ import numpy as np
 import tensorflow as tf
 
 from pmsn_jax.data import augment, pipeline
-from pmsn_jax.data.sources import LabelledImages, TfdsImages
+from pmsn_jax.data.interface import DataSource
 
 
-def eval_split_size(data, max_examples: int = 0) -> int:
+def eval_split_size(data: DataSource, max_examples: int = 0) -> int:
   """Rows of `data` an evaluation reads: its first `max_examples` (0 = all). A TFDS split of
   unknown size (mock data) reads max_examples rows, or as many as it has if fewer."""
   if not len(data):
-    if isinstance(data, TfdsImages) and max_examples:
+    if not data.random_access and max_examples:
       return max_examples
-    where = (f"tfds:{data.name} split {data.split!r}" if isinstance(data, TfdsImages)
-             else "the split")
-    raise ValueError(f"nothing to evaluate in {where}: it is empty or of unknown size; name "
+    raise ValueError(f"nothing to evaluate in {data.where}: it is empty or of unknown size; name "
                      f"another split, or cap it with --config.eval.max_*_examples")
   return min(max_examples or len(data), len(data))
 
@@ -48,8 +46,8 @@ def eval_num_batches(num_rows: int, local_batch: int, process_count: int) -> int
   return -(-(-(-num_rows // process_count)) // local_batch)
 
 
-def eval_batches(data, cfg, *, local_batch: int, max_examples: int = 0, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(data: DataSource, cfg, *, local_batch: int, max_examples: int = 0,
+                 process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """This process's block of the first eval_split_size(data, max_examples) rows, streamed
   (nothing is cached): eval_num_batches(...) dicts of
   image float32 [local_batch,S,S,C] (eval_preprocess'ed), label int32, row int32 (the row of
@@ -104,7 +102,7 @@ def _whole_batches(ds: tf.data.Dataset, cfg, local_batch: int, num_batches: int,
 LINEAR_EVAL_SCALE = (0.08, 1.0)
 
 
-def linear_eval_batches(data, cfg, *, local_batch: int, seed: int, epoch: int,
+def linear_eval_batches(data: DataSource, cfg, *, local_batch: int, seed: int, epoch: int,
                         max_examples: int = 0, process_index: int = 0,
                         process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """One epoch of MSN's linear-evaluation images of this process's block of the first
@@ -122,27 +120,16 @@ def linear_eval_batches(data, cfg, *, local_batch: int, seed: int, epoch: int,
   start, end = eval_block(num_rows, process_index, process_count)
   view_cfg = _Overlay(cfg, target_scale=LINEAR_EVAL_SCALE, num_focal=0)
   seeds = lambda rows: pipeline.example_seeds(seed, epoch * num_rows + rows)  # noqa: E731
-  if isinstance(data, LabelledImages):
-    images, labels = tf.constant(data.images), tf.constant(data.labels)
-    ds = tf.data.Dataset.from_tensor_slices(
-        pipeline.epoch_permutation(end - start, seed, epoch) + start)
-    ds = ds.batch(local_batch).map(
-        lambda rows: (augment.make_views_batch(tf.gather(images, rows), seeds(rows),
-                                               view_cfg)["target"],
-                      tf.gather(labels, rows), rows))
+  if not data.encoded:  # Pixels: a whole batch of rows is cropped in one op.
+    read = data.reader()
+
+    @tf.autograph.experimental.do_not_convert
+    def crop_batch(rows):
+      images, labels = read(rows)
+      return augment.make_views_batch(images, seeds(rows), view_cfg)["target"], labels, rows
+
+    ds = _epoch_rows(start, end, seed, epoch).batch(local_batch).map(crop_batch)
   else:
-    if isinstance(data, TfdsImages):
-      key = tf.random.experimental.stateless_fold_in(tf.constant([seed, -5], tf.int64), epoch)
-      records = data.as_dataset(rows=(start, end)).shuffle(pipeline.SHUFFLE_BUFFER,
-                                                            seed=int(key[0]))
-      rows = tf.data.Dataset.range(start, end)  # Positions in the read order, not TFDS rows.
-      ds = tf.data.Dataset.zip(records, rows).map(
-          lambda record, row: (record[0], record[1], row))
-    else:
-      paths, labels = tf.constant(data.paths), tf.constant(data.labels)
-      ds = tf.data.Dataset.from_tensor_slices(
-          pipeline.epoch_permutation(end - start, seed, epoch) + start)
-      ds = ds.map(lambda row: (tf.io.read_file(paths[row]), labels[row], row))
     channels = int(augment.field(cfg, "channels"))
 
     @tf.autograph.experimental.do_not_convert
@@ -150,10 +137,30 @@ def linear_eval_batches(data, cfg, *, local_batch: int, seed: int, epoch: int,
       view = augment.make_views_encoded(encoded, seeds(row[None])[0], view_cfg, channels)
       return view["target"], label, row
 
+    ds = _encoded_epoch(data, start, end, seed, epoch)
     ds = ds.map(crop, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
     ds = ds.batch(local_batch)
   yield from _whole_batches(ds, cfg, local_batch,
                             eval_num_batches(num_rows, local_batch, process_count), np.uint8)
+
+
+def _epoch_rows(start: int, end: int, seed: int, epoch: int) -> tf.data.Dataset:
+  """Rows [start, end) in the epoch's seeded order."""
+  return tf.data.Dataset.from_tensor_slices(
+      pipeline.epoch_permutation(end - start, seed, epoch) + start)
+
+
+def _encoded_epoch(data: DataSource, start: int, end: int, seed: int,
+                   epoch: int) -> tf.data.Dataset:
+  """(encoded image, label, row) of rows [start, end) in the epoch's order: a seeded
+  permutation where the rows allow random access, else a seeded shuffle buffer on the stream."""
+  if data.random_access:
+    read = data.reader()
+    return _epoch_rows(start, end, seed, epoch).map(lambda row: (*read(row), row))
+  key = tf.random.experimental.stateless_fold_in(tf.constant([seed, -5], tf.int64), epoch)
+  records = data.records(start, end).shuffle(pipeline.SHUFFLE_BUFFER, seed=int(key[0]))
+  rows = tf.data.Dataset.range(start, end)  # Positions in the read order, not TFDS rows.
+  return tf.data.Dataset.zip(records, rows).map(lambda record, row: (record[0], record[1], row))
 
 
 class _Overlay:
@@ -166,20 +173,16 @@ class _Overlay:
     return self._fields[name] if name in self._fields else getattr(self._cfg, name)
 
 
-def _eval_squares(data, cfg, start: int, end: int) -> tf.data.Dataset:
+def _eval_squares(data: DataSource, cfg, start: int, end: int) -> tf.data.Dataset:
   """(uint8 image, label, row) of rows [start, end) of `data`, in row order; undecodable
   images are dropped."""
   rows = tf.data.Dataset.range(start, end)
-  if isinstance(data, LabelledImages):
-    images = tf.data.Dataset.from_tensor_slices((data.images[start:end], data.labels[start:end]))
-    return tf.data.Dataset.zip(images, rows).map(lambda xy, r: (xy[0], xy[1], r))
+  records = data.records(start, end)
+  if not data.encoded:
+    return tf.data.Dataset.zip(records, rows).map(lambda xy, r: (xy[0], xy[1], r))
   channels = int(augment.field(cfg, "channels"))
   side = int(round(int(augment.field(cfg, "image_size")) / augment.field(cfg,
                                                                         "eval_crop_fraction")))
-  if isinstance(data, TfdsImages):
-    records = data.as_dataset(rows=(start, end))
-  else:
-    records = pipeline.encoded_records(data.subset(np.arange(start, end)))
 
   @tf.autograph.experimental.do_not_convert
   def square(record, row):

@@ -29,11 +29,10 @@ _CHECK = flags.DEFINE_bool("check_images", True, "Decode every image to count co
 def count_unreadable(data) -> int:
   """Images of a file catalog or streamed TFDS split that fail to read or decode."""
   import tensorflow as tf  # Heavy; only needed for encoded sources.
-  from pmsn_jax.data import pipeline
 
-  if isinstance(data, sources.LabelledImages):
+  if not data.encoded:
     return 0
-  encoded = pipeline.encoded_records(data).map(lambda image, _: image)
+  encoded = data.records().map(lambda image, _: image)
   decoded = encoded.map(
       lambda x: tf.shape(tf.io.decode_image(x, channels=3, expand_animations=False))[0],
       num_parallel_calls=tf.data.AUTOTUNE)

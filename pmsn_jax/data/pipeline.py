@@ -25,22 +25,21 @@ import numpy as np
 import tensorflow as tf
 
 from pmsn_jax.data import augment, imbalanced
-from pmsn_jax.data.catalog import ImageFiles
-from pmsn_jax.data.sources import LabelledImages, TfdsImages
+from pmsn_jax.data.interface import DataSource
 
 PREFETCH = 2  # Batches; a fixed depth, not AUTOTUNE, which can balloon host memory.
 _SPARES = 3  # Substitutes tried for an unreadable image file.
 SHUFFLE_BUFFER = 10_000  # Encoded records (~100 kB each for iNat) per process.
 
 
-def train_batches(data: LabelledImages | ImageFiles | TfdsImages, cfg, *,
+def train_batches(data: DataSource, cfg, *,
                   global_batch_size: int, seed: int, start_step: int = 0, process_index: int = 0,
                   process_count: int = 1,
                   batch_class_skew: float = 0.0) -> Iterator[dict[str, np.ndarray]]:
   """This process's slice of every global batch from `start_step` on, forever.
 
-  `data` is in memory (LabelledImages), a catalog of image files (ImageFiles) or a streamed
-  TFDS split (TfdsImages; see _tfds_views for its resume semantics).
+  `data` is a random-access source of pixels (in memory) or of encoded images (a catalog of
+  files), or a streamed one (a TFDS split; see _tfds_views for its resume semantics).
   Yields dicts of numpy arrays with b = global_batch_size // process_count rows:
   target/anchor uint8 [b,S,S,C], focal uint8 [b,F,s,s,C] (cropped, resized, flipped),
   photometric float32 [b,2+F,P] (their random numbers for the step's photometric ops,
@@ -53,12 +52,12 @@ def train_batches(data: LabelledImages | ImageFiles | TfdsImages, cfg, *,
                      f"process_count {process_count}")
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-  if start_step < 0 or (len(data) == 0 and not isinstance(data, TfdsImages)):
+  if start_step < 0 or (len(data) == 0 and data.random_access):
     raise ValueError(f"need start_step >= 0 and a non-empty dataset, got {start_step}, "
                      f"{len(data)} rows")
   hide_gpus_from_tf()
   local = global_batch_size // process_count
-  if isinstance(data, TfdsImages):
+  if not data.random_access:
     if batch_class_skew > 0:
       raise ValueError("data.batch_class_skew needs every label up front: use a catalog source "
                        "(inat_json:, folder:) or an in-memory one, not a streamed tfds: split")
@@ -69,28 +68,27 @@ def train_batches(data: LabelledImages | ImageFiles | TfdsImages, cfg, *,
   ds = ds.batch(local, drop_remainder=True)
   # After `first`, this process's blocks of b positions are every process_count-th one.
   ds = ds.shard(process_count, 0) if process_count > 1 else ds
-  if isinstance(data, ImageFiles):
+  if data.encoded:
     ds = _file_views(ds.unbatch(), data, cfg, seed).batch(local, drop_remainder=True)
   else:
     ds = _array_views(ds, data, cfg, seed)
   return numpy_iterator(ds.prefetch(PREFETCH))
 
 
-def _array_views(blocks: tf.data.Dataset, data: LabelledImages, cfg, seed: int):
+def _array_views(blocks: tf.data.Dataset, data: DataSource, cfg, seed: int):
   """In-memory images: whole blocks of (position, row) are augmented in one batched op."""
-  images, labels = tf.constant(data.images), tf.constant(data.labels)
+  read = data.reader()
 
   @tf.autograph.experimental.do_not_convert  # Plain graph code: skip autograph's slow trace.
   def augment_block(position, row):
-    views = augment.make_views_batch(
-        tf.gather(images, row), example_seeds(seed, position), cfg)
-    return dict(views, label=tf.gather(labels, row), index=row,
-                skipped=tf.zeros_like(row, tf.int32))
+    images, labels = read(row)
+    views = augment.make_views_batch(images, example_seeds(seed, position), cfg)
+    return dict(views, label=labels, index=row, skipped=tf.zeros_like(row, tf.int32))
 
   return blocks.map(augment_block, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def _file_views(pairs: tf.data.Dataset, data: ImageFiles, cfg, seed: int):
+def _file_views(pairs: tf.data.Dataset, data: DataSource, cfg, seed: int):
   """Image files: each (position, row) is read and decoded on its own (sizes differ).
 
   A file that cannot be read or decoded is replaced by the first readable of _SPARES rows
@@ -99,14 +97,15 @@ def _file_views(pairs: tf.data.Dataset, data: ImageFiles, cfg, seed: int):
   count, and a resumed run replays an uninterrupted one exactly. If all spares fail too, the
   example is dropped and the process's later batches shift by one (logged as skipped).
   """
-  paths, labels = tf.constant(data.paths), tf.constant(data.labels)
+  read = data.reader()
   channels, num_rows = int(augment.field(cfg, "channels")), len(data)
 
   @tf.autograph.experimental.do_not_convert
   def attempt(position, tries, row):
-    views = augment.make_views_encoded(tf.io.read_file(paths[row]),
-                                       example_seeds(seed, position[None])[0], cfg, channels)
-    return dict(views, label=labels[row], index=row, skipped=tries)
+    encoded, label = read(row)
+    views = augment.make_views_encoded(encoded, example_seeds(seed, position[None])[0], cfg,
+                                       channels)
+    return dict(views, label=label, index=row, skipped=tries)
 
   @tf.autograph.experimental.do_not_convert
   def first_readable(position, row):
@@ -132,7 +131,7 @@ def decode_parallelism() -> int:
     return os.cpu_count() or 1
 
 
-def _tfds_views(data: TfdsImages, cfg, seed: int, first: int, process_index: int,
+def _tfds_views(data: DataSource, cfg, seed: int, first: int, process_index: int,
                 process_count: int):
   """A streamed TFDS split: this process's even split, epoch after epoch, from its example
   `first` on.
@@ -171,14 +170,6 @@ def _tfds_views(data: TfdsImages, cfg, seed: int, first: int, process_index: int
   ds = ds.enumerate(first)
   ds = ds.map(views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
   return ds.scan(tf.constant(first - 1, tf.int64), count_gaps)
-
-
-def encoded_records(data: ImageFiles | TfdsImages) -> tf.data.Dataset:
-  """(encoded image bytes, label) of every row, in row order (files read lazily)."""
-  if isinstance(data, TfdsImages):
-    return data.as_dataset()
-  ds = tf.data.Dataset.from_tensor_slices((data.paths, data.labels))
-  return ds.map(lambda path, label: (tf.io.read_file(path), label))
 
 
 def example_seeds(seed: int, position) -> tf.Tensor:

@@ -8,6 +8,8 @@ Why three kinds of result: the training pipeline makes each batch a pure functio
     and decoded (only the crop's window, for JPEGs) when its turn comes;
   * `TfdsImages`: TFDS splits of variable-size images (iNaturalist 2018, ImageNet...), which
     TFDS stores as sequential record files: streamed, each process reading its own even split.
+All three implement interface.DataSource, which the pipeline, train loop and evaluation call
+(they branch on its declared capabilities, random_access and encoded, not on the class).
 
 Source strings (`--config.data.source`):
   * ``idx:<dir>``: MNIST IDX files ``<dir>/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``;
@@ -28,6 +30,7 @@ import os
 import numpy as np
 
 from pmsn_jax.data import catalog
+from pmsn_jax.data.interface import DataSource, describe_labels, refuse_random_access
 
 ENV_DIR = "PMSN_FASHION_MNIST_DIR"
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
@@ -48,11 +51,14 @@ _IDX_DTYPES = {
 
 @dataclasses.dataclass(frozen=True)
 class LabelledImages:
-  """Images uint8 [N, H, W, C], labels int32 [N] in [0, num_classes)."""
+  """Images uint8 [N, H, W, C], labels int32 [N] in [0, num_classes). A DataSource."""
 
   images: np.ndarray
   labels: np.ndarray
   num_classes: int
+  random_access = True
+  encoded = False
+  where = "the split"
 
   def __post_init__(self):
     if self.images.ndim != 4 or self.images.dtype != np.uint8:
@@ -71,9 +77,28 @@ class LabelledImages:
     """Examples per class, int64 [num_classes]."""
     return np.bincount(self.labels, minlength=self.num_classes)
 
+  @property
+  def channels(self) -> int:
+    return self.images.shape[-1]
+
   def subset(self, indices: np.ndarray) -> "LabelledImages":
     """The rows `indices` (e.g. a long-tailed subsample), same num_classes."""
     return LabelledImages(self.images[indices], self.labels[indices], self.num_classes)
+
+  def describe(self, rows: np.ndarray) -> str:
+    return describe_labels(self.labels[rows], self.num_classes)
+
+  def records(self, start: int = 0, end: int | None = None):
+    """(uint8 image [H,W,C], label) of rows [start, end)."""
+    import tensorflow as tf
+
+    return tf.data.Dataset.from_tensor_slices((self.images[start:end], self.labels[start:end]))
+
+  def reader(self):
+    import tensorflow as tf
+
+    images, labels = tf.constant(self.images), tf.constant(self.labels)
+    return lambda rows: (tf.gather(images, rows), tf.gather(labels, rows))
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -100,7 +125,8 @@ def read_idx(path: str) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class TfdsImages:
-  """A TFDS split streamed with its images still encoded (decoded by the pipeline's views).
+  """A TFDS split streamed with its images still encoded (decoded by the pipeline's views): a
+  DataSource without random access.
 
   num_examples, num_classes come from the dataset's metadata, so building one reads no data.
   """
@@ -110,9 +136,35 @@ class TfdsImages:
   data_dir: str | None
   num_examples: int
   num_classes: int
+  random_access = False
+  encoded = True
+  channels = None
 
   def __len__(self) -> int:
     return self.num_examples
+
+  @property
+  def where(self) -> str:
+    return f"tfds:{self.name} split {self.split!r}"
+
+  def describe(self, rows=None) -> str:
+    """Its size only: class counts would take a pass over the split."""
+    del rows  # A streamed split pretrains on all its rows.
+    return (f"{len(self) or 'all'} images of tfds:{self.name}:{self.split} (class counts: "
+            f"python -m pmsn_jax.data.inspect --source=tfds:{self.name})")
+
+  def subset(self, rows: np.ndarray):
+    raise refuse_random_access(self.where, "a subset of rows")
+
+  def reader(self):
+    raise refuse_random_access(self.where, "reading rows by index")
+
+  def records(self, start: int = 0, end: int | None = None):
+    """(image bytes, label) of rows [start, end) in order; the whole split when unbounded
+    (its size may be unknown)."""
+    if start == 0 and end is None:
+      return self.as_dataset()
+    return self.as_dataset(rows=(start, len(self) if end is None else end))
 
   def as_dataset(self, process_index: int = 0, process_count: int = 1, *,
                  shuffle_seed: int | None = None, rows: tuple[int, int] | None = None):
@@ -153,7 +205,7 @@ class TfdsImages:
 
 
 def load_source(source: str, split: str, *, data_dir: str | None = None,
-                download: bool = False):
+                download: bool = False) -> DataSource:
   """Loads `split` of `source` (see the module docstring) -> LabelledImages, ImageFiles or
   TfdsImages. `data_dir` and `download` are for TFDS sources only."""
   scheme, sep, rest = source.partition(":")

@@ -21,7 +21,7 @@ probe and low-shot run on them there. Nothing is held between evaluations.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -29,15 +29,15 @@ import numpy as np
 
 from pmsn_jax import sharding
 from pmsn_jax.data import eval_stream
+from pmsn_jax.data.interface import DataSource
 from pmsn_jax.evals import classwise, features, knn, linear, lowshot
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalSplits:
-  """What the suite measures on. Sources (sources.load_source's LabelledImages, ImageFiles or
-  TfdsImages): holding one reads no image."""
-  train: Any                # the balanced train split
-  test: Any
+  """What the suite measures on: sources (sources.load_source's), holding one reads no image."""
+  train: DataSource         # the balanced train split
+  test: DataSource
   pretrain_rows: np.ndarray | None  # rows of `train` that pretraining used; None: all
   num_classes: int
 
@@ -57,7 +57,7 @@ def check(splits: EvalSplits, config, mesh, *, linear_probe: bool = True) -> Non
   elif linear_probe:
     linear.check_batch_size(e.linear_batch_size, mesh, key="eval.linear_batch_size")
   shots = tuple(e.lowshot_shots)
-  labels = getattr(splits.train, "labels", None)
+  labels = splits.train.labels if splits.train.random_access else None
   if linear_probe and shots and labels is not None:
     lowshot.check_shots(labels[:num_train], splits.num_classes, max(shots))
 
