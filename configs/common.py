@@ -72,7 +72,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.mean = IMAGENET_MEAN
   c.data.std = IMAGENET_STD
   # Long-tailed subsampling of the pretraining split: n_c = floor(max_per_class * IR^(-c/(C-1))).
-  # imbalance_ratio = 1 keeps the split as it is.
+  # imbalance_ratio = 1: max_per_class caps every class (a balanced subsample when all reach
+  # it); 0 keeps the split as it is.
   c.data.imbalance_ratio = 1.0
   c.data.max_per_class = 0
   c.data.imbalance_profile = "exponential"  # exponential | power_law (sampling.py)

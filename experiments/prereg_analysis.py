@@ -1,13 +1,18 @@
 """The pre-registered analysis of issue 28's campaign, exactly as docs/preregistration.md fixes it.
 
   python experiments/prereg_analysis.py runs/prereg [--out=runs/prereg/analysis]
-      [--merge_into=docs/results.json]
+      [--merge_into=docs/results.json] [--keep_records=docs/prereg_runs]
 
 RUNS holds the runs of `python experiments/sweep.py prereg` (REGIME/ARM_sSEED). Prints the
 summary (markdown) and, with --out, writes OUT/prereg.md and OUT/prereg.json (results.json
 rows); --merge_into replaces that file's prereg_* rows with these. Until every planned run has
 its eval.json the output is marked INTERIM and states no decision: the decision rules are read
 once, on the complete campaign.
+
+runs/ does not outlive a session, and the campaign spans several: --keep_records copies each
+finished run's small files (RECORD_FILES, no checkpoint) to a directory of the same layout,
+which is committed. This script reads that directory as it reads RUNS, and
+`cp -rn docs/prereg_runs/. runs/prereg/` before the sweep makes it skip those runs.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -39,6 +45,9 @@ ARM_LABELS = {"A": "A (MSN)", "B": "B (PMSN, uniform marginal)", "C": "C (PMSN, 
 GATE_POINTS = 0.03      # A beats the random-init encoder by >= 3 k-NN points
 MIN_EFFECT = 0.005      # +0.5 points
 FEW_SHOT_FLOOR = -0.01  # the few-shot difference's lower bound stays above -1 point
+
+
+RECORD_FILES = ("config.json", "eval.json", "metrics.jsonl", "driver.json", "prior_fit.json")
 
 
 def late_mean(metrics: list[dict], key: str, fraction: float = 0.9) -> float | None:
@@ -188,6 +197,21 @@ def result_rows(result: dict) -> list[dict]:
   return rows
 
 
+def keep_records(runs_dir: str, records_dir: str) -> int:
+  """Copies RECORD_FILES of every finished planned run; returns how many runs it copied."""
+  copied = 0
+  for name, _, _ in sweep.prereg_rows():
+    source, target = os.path.join(runs_dir, name), os.path.join(records_dir, name)
+    if not os.path.isfile(os.path.join(source, "eval.json")):
+      continue
+    os.makedirs(target, exist_ok=True)
+    for file in RECORD_FILES:
+      if os.path.isfile(os.path.join(source, file)):
+        shutil.copy2(os.path.join(source, file), os.path.join(target, file))
+    copied += 1
+  return copied
+
+
 def merge_into(path: str, rows: list[dict]) -> None:
   with open(path) as f:
     kept = [r for r in json.load(f) if not str(r.get("regime", "")).startswith("prereg_")]
@@ -200,6 +224,8 @@ def main(argv=None):
   parser.add_argument("runs_dir")
   parser.add_argument("--out")
   parser.add_argument("--merge_into", metavar="RESULTS_JSON")
+  parser.add_argument("--keep_records", metavar="DIR",
+                      help="copy the finished runs' small files here (e.g. docs/prereg_runs)")
   args = parser.parse_args(argv)
   if not os.path.isdir(args.runs_dir):
     parser.error(f"{args.runs_dir} is not a directory: give the --runs_dir/prereg of "
@@ -214,6 +240,9 @@ def main(argv=None):
       f.write(text)
     with open(os.path.join(args.out, "prereg.json"), "w") as f:
       json.dump({"missing": missing, "result": result, "rows": result_rows(result)}, f, indent=1)
+  if args.keep_records:
+    print(f"kept the records of {keep_records(args.runs_dir, args.keep_records)} finished "
+          f"runs in {args.keep_records}")
   if args.merge_into:
     if missing:
       parser.error("--merge_into: the campaign is unfinished; interim rows stay out of "

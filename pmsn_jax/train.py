@@ -34,22 +34,26 @@ def load_pretraining_data(config):
                      f"{train.channels} channels; set --config.data.channels="
                      f"{train.channels} (and data.mean/std to match).")
   rows = np.arange(len(train))
-  if d.imbalance_ratio > 1:
-    if not train.random_access:
-      raise ValueError(f"data.imbalance_ratio needs every label up front, which a streamed "
-                       f"{d.source} split does not give: use inat_json: or folder: sources")
+  if d.imbalance_ratio == 1 and not d.max_per_class:
+    return train, rows
+  if not train.random_access:
+    raise ValueError(f"data.imbalance_ratio and data.max_per_class need every label up front, "
+                     f"which a streamed {d.source} split does not give: use inat_json: or "
+                     f"folder: sources (or set data.imbalance_ratio=1, data.max_per_class=0)")
+  available = train.class_counts()
+  if d.imbalance_ratio == 1:  # a cap: e.g. a balanced subsample when every class reaches it
+    counts = np.minimum(available, d.max_per_class)
+  else:
     counts = sampling.counts_in_class_order(
         sampling.long_tail_counts(d.max_per_class, train.num_classes, d.imbalance_ratio,
                                   d.imbalance_profile), d.class_order)
-    available = train.class_counts()
-    short = [c for c, n in enumerate(counts) if n > available[c]]
-    if short:
-      raise ValueError(f"data.max_per_class={d.max_per_class} with data.imbalance_ratio="
-                       f"{d.imbalance_ratio} asks class {short[0]} for {counts[short[0]]} "
-                       f"images, it has {available[short[0]]}: lower data.max_per_class (or "
-                       f"set data.imbalance_ratio=1 to keep the split as it is)")
-    rows = sampling.subsample_to_counts(train.labels, counts, d.subsample_seed)
-  return train, rows
+  short = [c for c, n in enumerate(counts) if n > available[c]]
+  if short:
+    raise ValueError(f"data.max_per_class={d.max_per_class} with data.imbalance_ratio="
+                     f"{d.imbalance_ratio} asks class {short[0]} for {counts[short[0]]} "
+                     f"images, it has {available[short[0]]}: lower data.max_per_class (or "
+                     f"set data.imbalance_ratio=1 to cap each class at data.max_per_class)")
+  return train, sampling.subsample_to_counts(train.labels, counts, d.subsample_seed)
 
 
 def eval_splits(config, train, pretrain_rows) -> suite.EvalSplits:

@@ -119,6 +119,20 @@ def test_pretraining_rows_follow_the_class_order():
     train_lib.load_pretraining_data(config)
 
 
+@pytest.mark.skipif(not os.path.isdir(DEBIAN_DIR), reason="dataset-fashion-mnist not installed")
+def test_imbalance_ratio_one_caps_every_class_at_max_per_class():
+  from configs import demo
+  from pmsn_jax import train as train_lib
+  config = demo.get_config()
+  config.data.imbalance_ratio, config.data.max_per_class = 1.0, 1489
+  data, rows = train_lib.load_pretraining_data(config)
+  assert np.bincount(data.labels[rows], minlength=10).tolist() == [1489] * 10
+  assert np.all(np.diff(rows) > 0)
+  for no_cap in (0, 7000):  # none, or one that no class reaches: the whole split
+    config.data.max_per_class = no_cap
+    assert np.array_equal(train_lib.load_pretraining_data(config)[1], np.arange(60000))
+
+
 def test_load_source_tfds_mock():
   tfds = pytest.importorskip("tensorflow_datasets")
   with tfds.testing.mock_data(num_examples=6):

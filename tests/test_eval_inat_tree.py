@@ -30,7 +30,7 @@ def tiny_config(source, test_split):
   c.data.channels, c.data.image_size, c.data.focal_size = 3, 16, 8
   c.data.mean, c.data.std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
   c.data.eval_crop_fraction = 0.875
-  c.data.imbalance_ratio = 1.0  # the tree is long-tailed already
+  c.data.imbalance_ratio, c.data.max_per_class = 1.0, 0  # the tree is long-tailed already
   c.model.variant = "mu/4"
   c.batch_size, c.total_steps, c.log_every_steps, c.checkpoint_every_steps = 16, 2, 1, 2
   c.optim.warmup_steps = 1

@@ -118,3 +118,12 @@ def test_a_complete_campaign_merges_its_rows_in_place_of_earlier_ones(tmp_path):
   rows = json.loads(results.read_text())
   assert rows[0] == {"regime": "demo"} and not any("old" in r for r in rows)
   assert {r["regime"] for r in rows[1:]} == {*prereg.sweep.PREREG_REGIMES, "prereg_interaction"}
+
+
+def test_kept_records_analyse_as_the_runs_do(tmp_path):
+  runs = _campaign(tmp_path / "runs", dict.fromkeys(prereg.sweep.PREREG_REGIMES, 0.02),
+                   skip={prereg.sweep.prereg_rows()[1][0]})
+  os.makedirs(os.path.join(runs, "prereg_lt_k10", "msn_s0", "checkpoints"))
+  assert prereg.keep_records(runs, str(tmp_path / "kept")) == 35
+  assert not os.path.exists(tmp_path / "kept" / "prereg_lt_k10" / "msn_s0" / "checkpoints")
+  assert prereg.load(str(tmp_path / "kept")) == prereg.load(runs)
