@@ -10,9 +10,8 @@ Two things set it apart from a plain ViT:
 The transformer blocks are stacked (one parameter tree with a leading depth axis, which is
 what the sharding rules and checkpoints see) and applied with `nnx.scan`, fully unrolled except
 on TPU (`vit_config_from`): unrolled, XLA drops the scan's stacked residual buffers and their
-per-iteration slicing, which measured faster on CPU and GPU; rolled, compile time stays flat in
-depth. (An earlier probe on CPU found unrolling 1.5x slower; with this code it is faster, see
-docs/performance.md.)
+per-iteration slicing, which measured faster on CPU and GPU (docs/performance.md); rolled,
+compile time stays flat in depth.
 
 Several views of different resolutions can go through one call (`encode_groups`): each
 example's tokens of all its crops are concatenated along the token axis, so every per-token
