@@ -191,6 +191,8 @@ def _validate_data(config) -> None:
   _require(all(s > 0 for s in d.std), "data.std", d.std, "expected positive values")
   _require(d.imbalance_ratio >= 1.0, "data.imbalance_ratio", d.imbalance_ratio,
            "expected >= 1 (1: no long tail)")
+  _require(d.max_per_class >= 0, "data.max_per_class", d.max_per_class,
+           "expected >= 0 (0 with data.imbalance_ratio=1: no cap)")
   _require(d.imbalance_ratio == 1.0 or d.max_per_class > 0, "data.max_per_class",
            d.max_per_class, "expected > 0 when data.imbalance_ratio > 1")
   _require(d.imbalance_profile in sampling.PROFILES, "data.imbalance_profile",

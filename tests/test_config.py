@@ -105,6 +105,13 @@ def test_bad_values_fail_with_the_key_named(key, value, match):
     validation.validate(config)
 
 
+def test_a_negative_class_cap_is_refused():
+  config = load("demo")
+  config.data.imbalance_ratio, config.data.max_per_class = 1.0, -5
+  with pytest.raises(ValueError, match=r"data\.max_per_class.*expected >= 0"):
+    validation.validate(config)
+
+
 def test_class_order_needs_a_long_tail():
   config = load("demo")
   config.data.class_order = (1, 0)
